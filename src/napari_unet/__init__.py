@@ -1,0 +1,25 @@
+"""napari-unet: the U-Net family for interactive biomedical segmentation in napari.
+
+The engine (models, tiling, training) imports neither napari nor Qt; heavy modules are
+imported lazily so that napari starts fast with the plugin installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_model": "napari_unet.models",
+    "list_models": "napari_unet.models",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_unet' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""Model zoo: registry, reference parameter counts, shapes, deep supervision, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_unet.models import build_model, canonical_name, count_parameters, list_models
+
+# (call, reference count from the papers / reference implementations)
+REFERENCE_COUNTS = [
+    (
+        ("unet", 1, 2, {"padding": "valid", "base_channels": 64, "depth": 4, "norm": "none"}),
+        31_030_658,
+    ),
+    (("unet", 1, 1, {"base_channels": 32, "norm": "none"}), 7_759_521),
+    (("wide_unet", 1, 1, {"norm": "none"}), 9_282_246),
+    (("unetpp", 1, 1, {"base_channels": 32, "norm": "none"}), 9_041_601),
+    (("unet3p", 3, 1, {"norm": "batch"}), 26_971_777),
+    (("unet3p", 3, 1, {"norm": "batch", "deep_supervision": True, "cgm": True}), 26_991_687),
+    (("u2net", 3, 1, {}), 44_009_869),
+    (("u2netp", 3, 1, {}), 1_131_181),
+    (("swin_unet", 3, 9, {"img_size": 224}), 27_168_900),
+]
+
+# Small configurations of every variant for fast behavioural tests.
+SMALL = {
+    "unet": {"base_channels": 4, "depth": 3},
+    "wide_unet": {"base_channels": 5, "depth": 3},
+    "unetpp": {"base_channels": 4, "depth": 4},
+    "unet3p": {"base_channels": 4, "deep_supervision": True},
+    "u2net": {"width": 0.125},
+    "u2netp": {"width": 0.25},
+    "swin_unet": {"embed_dim": 24},
+}
+N_OUTPUTS = {
+    "unet": 1,
+    "wide_unet": 1,
+    "unetpp": 4,
+    "unet3p": 5,
+    "u2net": 7,
+    "u2netp": 7,
+    "swin_unet": 1,
+}
+
+
+def small(name: str, in_channels: int = 1, num_classes: int = 2, **extra):
+    return build_model(name, in_channels, num_classes, **{**SMALL[name], **extra})
+
+
+@pytest.mark.parametrize(("call", "expected"), REFERENCE_COUNTS, ids=lambda v: str(v))
+def test_reference_parameter_counts(call, expected):
+    name, cin, ncls, cfg = call
+    n = count_parameters(build_model(name, cin, ncls, **cfg))
+    assert abs(n - expected) <= 0.005 * expected, (n, expected)
+
+
+def test_exact_counts_of_the_keras_setting():
+    # The UNet++ paper's table: the deepest head only (without deep supervision) is exact,
+    # and each pruned level matches the paper's 0.10M / 0.51M / 2.20M / 9.04M.
+    m = build_model("unetpp", 1, 1, base_channels=32, norm="none", deep_supervision=False)
+    assert count_parameters(m) == 9_041_601
+    ds = build_model("unetpp", 1, 1, base_channels=32, norm="none")
+    assert count_parameters(ds) == 9_041_601 + 3 * 33  # three extra 1×1 heads
+    per_level = [ds.level_parameters(level) / 1e6 for level in (1, 2, 3, 4)]
+    assert [round(p, 2) for p in per_level] == [0.10, 0.51, 2.20, 9.04]
+
+
+def test_registry_names_and_aliases():
+    assert set(list_models()) == set(SMALL)
+    for alias, name in [
+        ("unet++", "unetpp"),
+        ("UNet3+", "unet3p"),
+        ("u2-net", "u2net"),
+        ("U²-Net", "u2net"),
+        ("Swin-UNet", "swin_unet"),
+        ("wide-unet", "wide_unet"),
+    ]:
+        assert canonical_name(alias) == name
+    with pytest.raises(ValueError, match="unknown model 'vnet'"):
+        build_model("vnet")
+    with pytest.raises(ValueError, match="unknown config key"):
+        build_model("unet", base_chanels=8)
+
+
+def test_config_is_recorded_for_rebuilding():
+    m = build_model("unet++", 1, 3, base_channels=8)
+    assert m.name == "unetpp"
+    rebuilt = build_model(m.name, m.in_channels, m.num_classes, **m.config)
+    assert count_parameters(rebuilt) == count_parameters(m)
+    assert m.config["base_channels"] == 8 and m.config["norm"] == "batch"
+
+
+def test_valid_unet_572_to_388():
+    m = build_model("unet", 1, 2, padding="valid", base_channels=4, depth=4, norm="none").eval()
+    with torch.no_grad():
+        y = m(torch.randn(1, 1, 572, 572))
+    assert y.shape == (1, 2, 388, 388)
+    assert m.halo == 92
+    assert m.valid_input_size(388) == 572
+    assert m.output_size(572) == 388
+
+
+def test_valid_unet_rejects_illegal_sizes():
+    m = build_model("unet", 1, 2, padding="valid", base_channels=4, depth=4, norm="none")
+    with pytest.raises(ValueError, match=r"573 is not legal .* 572 or 588"):
+        m(torch.randn(1, 1, 573, 572))
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 1, 100, 100))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_odd_sizes_keep_the_input_size(name):
+    m = small(name).eval()
+    with torch.no_grad():
+        y = m(torch.randn(2, 1, 97, 131))
+    assert y.shape == (2, 2, 97, 131)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_one_pixel_input_is_refused_clearly(name):
+    m = small(name)
+    with pytest.raises(ValueError, match="too small"):
+        m(torch.randn(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_wrong_channels_and_dims_are_refused(name):
+    m = small(name, in_channels=3)
+    with pytest.raises(ValueError, match="3 input channel"):
+        m(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="4-D tensor"):
+        m(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_forward_all_lengths_shapes_and_final(name):
+    m = small(name).eval()
+    x = torch.randn(1, 1, 45, 70)
+    with torch.no_grad():
+        outs = m.forward_all(x)
+        final = m(x)
+    assert len(outs) == N_OUTPUTS[name] == m.info.deep_supervision_outputs
+    assert all(o.shape == (1, 2, 45, 70) for o in outs)
+    # the final output is one of the heads: the deepest, or the fused one
+    assert any(torch.allclose(o, final) for o in outs)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_summed_deep_supervision_loss_reaches_every_parameter(name):
+    m = small(name).train()
+    outs = m.forward_all(torch.randn(2, 1, 64, 64))
+    loss = sum(o.square().mean() for o in outs)
+    if hasattr(m, "forward_cls"):
+        loss = loss + m.forward_cls(torch.randn(2, 1, 64, 64)).square().mean()
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_eval_mode_is_deterministic(name):
+    m = small(name).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        a, b = m(x), m(x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_unetpp_level_equals_the_head_of_the_full_network(level):
+    m = small("unetpp").eval()
+    x = torch.randn(1, 1, 50, 77)
+    with torch.no_grad():
+        full = m.forward_all(x)
+        pruned = m(x, level=level)
+    torch.testing.assert_close(pruned, full[level - 1], rtol=0, atol=0)
+
+
+def test_unetpp_pruning_is_really_cheaper():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = small("unetpp").eval()
+    x = torch.randn(1, 1, 64, 64)
+    flops = []
+    for level in (1, 2, 3, 4):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            m(x, level=level)
+        flops.append(counter.get_total_flops())
+    assert flops == sorted(flops) and flops[0] < flops[3] / 5
+    with pytest.raises(ValueError, match="level must be in 1..4"):
+        m(x, level=5)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_info_fields(name):
+    info = small(name).info
+    assert info.name == name
+    assert info.parameters > 0 and info.size_divisor >= 1
+    assert info.receptive_field > 0
+    assert info.tile_exact == (name != "swin_unet")
+
+
+def test_receptive_field_is_measured():
+    # depth-d same-padded U-Net: receptive field grows with depth; the probe sees it
+    rf = [
+        build_model("unet", 1, 2, base_channels=2, depth=d).info.receptive_field for d in (1, 2, 3)
+    ]
+    assert rf[0] < rf[1] < rf[2]
+    # depth 1: conv3, conv3, pool2, conv3, conv3, up2, conv3, conv3 -> radius 2 + 2 + 2*2 + (1) + 2
+    assert 9 <= rf[0] <= 12
+    # the valid U-Net's dependence radius covers its halo
+    valid = build_model("unet", 1, 2, padding="valid", base_channels=2, depth=4, norm="none")
+    assert valid.info.receptive_field >= valid.halo == 92
+
+
+def test_group_norm_is_not_tile_exact():
+    assert not build_model("unet", norm="group", base_channels=8).info.tile_exact
+    assert build_model("unet", norm="batch", base_channels=8).info.tile_exact
