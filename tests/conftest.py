@@ -1,0 +1,21 @@
+"""Shared test fixtures: deterministic seeds and the bundled nuclei data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002  (legacy global seed for libraries that use it)
+
+
+@pytest.fixture(scope="session")
+def nuclei():
+    """(image uint16 (256, 512), labels uint16 (256, 512)) — DSB 2018 nuclei, CC0."""
+    from napari_unet._sample_data import nuclei_image, nuclei_labels
+
+    return nuclei_image(), nuclei_labels()
