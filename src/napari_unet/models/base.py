@@ -101,6 +101,11 @@ class SegmentationModel(nn.Module):
         return 1
 
     @property
+    def final_index(self) -> int:
+        """Index of the final output (what ``forward`` returns) in ``forward_all``'s list."""
+        return -1
+
+    @property
     def halo(self) -> int:
         return 0
 

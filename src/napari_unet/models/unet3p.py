@@ -216,6 +216,10 @@ class UNet3Plus(SegmentationModel):
         outputs = self._heads(self._decode(feats), self.num_outputs)
         return self._gate(outputs, self._classify(feats[-1]))
 
+    @property
+    def final_index(self) -> int:
+        return 0
+
     def _forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         feats = self._encode(x)
         (d1,) = self._heads(self._decode(feats), 1)
