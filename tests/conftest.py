@@ -19,3 +19,8 @@ def nuclei():
     from napari_unet._sample_data import nuclei_image, nuclei_labels
 
     return nuclei_image(), nuclei_labels()
+
+
+def pytest_configure(config):
+    # Tiny networks run fastest on one thread; also keeps timings stable on shared CPUs.
+    torch.set_num_threads(1)

@@ -1,0 +1,313 @@
+"""Python API of tiled prediction: ``predict`` (probabilities) used by widgets, CLI and users."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .axes import Layout, resolve_layout
+from .models.base import SegmentationModel, round_up
+from .normalize import apply_normalization, get_normalization, normalization_stats, sample_plane
+from .tiling import (
+    Cancelled,
+    RunOptions,
+    TilePlan,
+    device_lock,
+    plan_tiles,
+    read_window,
+    reflect_index,
+    run_plane,
+)
+
+__all__ = ["Cancelled", "predict", "resolve_model", "select_device", "tile_plan_for"]
+
+DEFAULT_TILE = {"cpu": 1024, "cuda": 1024}
+DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
+FAST_HALO_FRACTION = 0.5
+"""Default (non-exact) mode: halo = this fraction of the receptive-field radius."""
+MIN_FAST_HALO = 32
+
+
+def select_device(device: str | torch.device = "auto") -> tuple[torch.device, str]:
+    """Resolve ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` and say why."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"CUDA: {torch.cuda.get_device_name(0)}"
+        return torch.device("cpu"), "CPU (CUDA not available)"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
+    return (
+        dev,
+        "CPU (requested)" if dev.type == "cpu" else f"CUDA: {torch.cuda.get_device_name(dev)}",
+    )
+
+
+def _amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationModel:
+    """A model object, a checkpoint path, a variant name (untrained) or None (bundled default)."""
+    if isinstance(model, SegmentationModel):
+        return model
+    from . import checkpoint
+
+    if model is None:
+        return checkpoint.load_default_model()
+    path = Path(model)
+    if path.suffix or path.exists():
+        return checkpoint.load_model(path)
+    from .models import build_model
+
+    warnings.warn(f"{model!r} is a variant name: its weights are untrained", stacklevel=2)
+    return build_model(str(model))
+
+
+def tile_plan_for(
+    model: SegmentationModel,
+    shape: tuple[int, int],
+    *,
+    tile_size: int | None = None,
+    exact: bool = False,
+    device: torch.device | None = None,
+    halo: int | None = None,
+) -> TilePlan:
+    """The tiling ``predict`` uses for a (Y, X) plane of ``shape``.
+
+    * tile-exact models: cropped windows with a halo of the measured receptive-field
+      radius (``exact=True``) or of ``max(32, radius/2)`` (default, faster; differences
+      from the whole-image output are far below what is visible, see bench/tiling.py);
+    * other models: Gaussian-blended windows overlapping by 25 %.
+    """
+    dev = device or torch.device("cpu")
+    tile = tile_size or DEFAULT_TILE[dev.type]
+    if tile < 2:
+        raise ValueError(f"tile_size must be ≥ 2, got {tile}")
+    g = model.size_divisor
+    if model.halo > 0:  # valid U-Net: overlap-tile is always exact
+        return plan_tiles(model, shape, tile, 0)
+    if model.info.tile_exact:
+        rf = model.receptive_field
+        if halo is None:
+            halo = rf if exact else min(rf, max(MIN_FAST_HALO, int(rf * FAST_HALO_FRACTION)))
+        elif exact and halo < rf:
+            raise ValueError(f"exact tiling needs halo ≥ the receptive field radius {rf}")
+        return plan_tiles(model, shape, max(round_up(tile, g), 2 * round_up(halo, g) + g), halo)
+    if exact:
+        raise ValueError(
+            f"{model.name} cannot be tiled exactly (normalisation, attention or global pooling "
+            "spans the whole input); use exact=False for Gaussian-blended tiles"
+        )
+    # windows ≥ 2 divisors so that neighbours can overlap
+    tile = max(round_up(tile, g), 2 * g)
+    return plan_tiles(model, shape, tile, halo if halo is not None else tile // 8, blended=True)
+
+
+class _PlaneSink:
+    """Writes (C, h, w) blocks of one plane into a (C, *leading, H, W) array (numpy or zarr)."""
+
+    def __init__(self, array: Any, index: tuple[int, ...]) -> None:
+        self.array, self.index = array, index
+        self.shape = (array.shape[0], *array.shape[-2:])
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        if key is Ellipsis:
+            key = (slice(None),) * 3
+        c, rows, cols = key
+        self.array[(c, *self.index, rows, cols)] = value
+
+
+def _allocate(out: Any, shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[Any, Path | None]:
+    """numpy array, or a new zarr array at ``out`` (never overwrites an existing path)."""
+    if out is None:
+        return np.zeros(shape, dtype=np.float32), None
+    if isinstance(out, (str, Path)):
+        import zarr
+
+        path = Path(out)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; choose a new output path")
+        return zarr.open_array(
+            str(path), mode="w-", shape=shape, chunks=chunks, dtype="float32"
+        ), path
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    return out, None
+
+
+def predict(
+    model: SegmentationModel | str | Path | None,
+    image: Any,
+    *,
+    axes: str | None = None,
+    tile_size: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    amp: bool | None = None,
+    exact: bool = False,
+    outputs: str = "final",
+    level: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: Any = None,
+    channel: int | None = None,
+    out: Any = None,
+    halo: int | None = None,
+) -> Any:
+    """Class probabilities of ``image``, float32 ``(C, *leading, Y, X)``.
+
+    ``image``: numpy, dask or zarr array, 2-D grey, (C,Y,X), RGB(A) (Y,X,3/4), Z-stacks
+    and time series (predicted plane by plane); ``axes`` (letters of TZCYX) when the
+    layout is ambiguous. ``C`` is the model's number of classes (one class: the
+    foreground probability). ``outputs="all"`` returns ``(final, [every head])``.
+    ``tile_size`` is the network's input window in pixels. ``out``: a new zarr path (or
+    an array) to write into instead of memory. ``progress(done, total)`` is called after
+    each batch of tiles; ``cancel`` (an Event or callable) stops within one batch by
+    raising :class:`Cancelled`; a zarr store created here is then removed.
+    """
+    model = resolve_model(model)
+    if outputs not in ("final", "all"):
+        raise ValueError(f"outputs must be 'final' or 'all', got {outputs!r}")
+    if level is not None and not hasattr(model, "level_parameters"):
+        raise ValueError(f"level= prunes UNet++ only; {model.name} has no levels")
+    layout = resolve_layout(image, model.in_channels, axes, channel)
+    dev, _ = select_device(device)
+    h, w = layout.spatial
+    n_heads = model.num_outputs if outputs == "all" else 0
+    out_shape = (model.num_classes, *layout.leading, h, w)
+    chunks = (model.num_classes,) + (1,) * len(layout.leading) + (min(h, 1024), min(w, 1024))
+    arrays = []
+    created: list[Path] = []
+    try:
+        for k in range(1 + n_heads):
+            target = (
+                out
+                if k == 0
+                else (None if out is None or not isinstance(out, (str, Path)) else f"{out}.head{k}")
+            )
+            arr, path = _allocate(target, out_shape, chunks)
+            arrays.append(arr)
+            if path is not None:
+                created.append(path)
+        tile = tile_size or DEFAULT_TILE[dev.type]
+        batch = batch_size or DEFAULT_BATCH[dev.type]
+        while True:
+            try:
+                _predict_into(
+                    model,
+                    layout,
+                    arrays,
+                    dev,
+                    tile,
+                    batch,
+                    amp,
+                    exact,
+                    outputs,
+                    level,
+                    progress,
+                    cancel,
+                    halo,
+                )
+                break
+            except torch.cuda.OutOfMemoryError:
+                if dev.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                if batch > 1:
+                    batch //= 2
+                    msg = f"CUDA out of memory: retrying with batch size {batch}"
+                elif tile > 2 * model.size_divisor and tile > 256:
+                    tile //= 2
+                    msg = f"CUDA out of memory: retrying with tile size {tile}"
+                else:
+                    dev = torch.device("cpu")
+                    msg = "CUDA out of memory at the smallest tile: falling back to the CPU"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    if outputs == "all":
+        return arrays[0], arrays[1:]
+    return arrays[0]
+
+
+def _predict_into(
+    model: SegmentationModel,
+    layout: Layout,
+    arrays: list[Any],
+    dev: torch.device,
+    tile: int,
+    batch: int,
+    amp: bool | None,
+    exact: bool,
+    outputs: str,
+    level: int | None,
+    progress: Callable[[int, int], None] | None,
+    cancel: Any,
+    halo: int | None,
+) -> None:
+    plan = tile_plan_for(model, layout.spatial, tile_size=tile, exact=exact, device=dev, halo=halo)
+    opts = RunOptions(
+        device=dev,
+        batch_size=batch,
+        amp_dtype=_amp_dtype(dev, amp),
+        channels_last=dev.type == "cuda",
+        outputs=outputs,
+        level=level,
+    )
+    norm = get_normalization(model)
+    total = plan.n_tiles * layout.n_planes
+    done = 0
+    h, w = layout.spatial
+
+    def on_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    was_training = model.training
+    old_device = next(model.parameters()).device
+    with device_lock():
+        model.eval().to(dev)
+        if opts.channels_last:
+            model.to(memory_format=torch.channels_last)
+        try:
+            for p in range(layout.n_planes):
+                plane = layout.plane(p)
+                stats = normalization_stats(layout.convert(sample_plane(plane)), norm)
+
+                def read(
+                    rows: np.ndarray, cols: np.ndarray, plane=plane, stats=stats
+                ) -> np.ndarray:
+                    block = read_window(plane, reflect_index(rows, h), reflect_index(cols, w))
+                    block = apply_normalization(layout.convert(block), stats)
+                    if not np.isfinite(block).all():
+                        raise ValueError(
+                            "image contains NaN or infinite values; clean it before predicting"
+                        )
+                    return block
+
+                index = np.unravel_index(p, layout.leading) if layout.leading else ()
+                sinks = [_PlaneSink(a, tuple(int(i) for i in index)) for a in arrays]
+                run_plane(model, read, plan, sinks, opts, on_batch=on_batch, cancel=cancel)
+        finally:
+            model.to(old_device).train(was_training)
+            if opts.channels_last:
+                model.to(memory_format=torch.contiguous_format)

@@ -1,0 +1,50 @@
+"""Training engine: losses and augmentation (no napari, no Qt)."""
+
+from __future__ import annotations
+
+from .augment import Augmenter, elastic_field, outside_mask, warp
+from .losses import (
+    MS_SSIM_WEIGHTS,
+    LossPreset,
+    ce_dice_loss,
+    ce_loss,
+    cgm_loss,
+    cgm_target,
+    compute_loss,
+    deep_supervision_loss,
+    dice_loss,
+    focal_loss,
+    get_loss,
+    iou_loss,
+    list_losses,
+    ms_ssim,
+    ms_ssim_loss,
+    ms_ssim_scales,
+    u2net_sides_loss,
+    unet3p_hybrid_loss,
+)
+
+__all__ = [
+    "MS_SSIM_WEIGHTS",
+    "Augmenter",
+    "LossPreset",
+    "ce_dice_loss",
+    "ce_loss",
+    "cgm_loss",
+    "cgm_target",
+    "compute_loss",
+    "deep_supervision_loss",
+    "dice_loss",
+    "elastic_field",
+    "focal_loss",
+    "get_loss",
+    "iou_loss",
+    "list_losses",
+    "ms_ssim",
+    "ms_ssim_loss",
+    "ms_ssim_scales",
+    "outside_mask",
+    "u2net_sides_loss",
+    "unet3p_hybrid_loss",
+    "warp",
+]
