@@ -14,6 +14,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "build_model": "napari_unet.models",
     "list_models": "napari_unet.models",
+    "predict": "napari_unet.predict",
+    "Cancelled": "napari_unet.tiling",
+    "segment": "napari_unet.postprocess",
+    "border_weight_map": "napari_unet.weightmap",
+    "save_model": "napari_unet.checkpoint",
+    "load_model": "napari_unet.checkpoint",
+    "train": "napari_unet.training.trainer",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 
 from .models import SegmentationModel, build_model, canonical_name, list_models
 from .normalize import DEFAULT_NORMALIZATION, get_normalization
+from .postprocess import default_class_names
 
 __all__ = [
     "FORMAT",
-    "default_class_names",
     "default_model_path",
     "load_default_model",
     "load_model",
@@ -49,22 +49,6 @@ SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save (zip-based format since torch 1.6)
 _HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header size (bytes)
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    """Class names used when a model carries no ``class_names``.
-
-    1 → ["foreground"], 2 → ["background", "foreground"], 3 → ["background",
-    "interior", "boundary"] (the 3-class targets of :mod:`napari_unet.weightmap`),
-    otherwise ["background", "class 1", ...].
-    """
-    if num_classes == 1:
-        return ["foreground"]
-    if num_classes == 2:
-        return ["background", "foreground"]
-    if num_classes == 3:
-        return ["background", "interior", "boundary"]
-    return ["background", *(f"class {i}" for i in range(1, num_classes))]
 
 
 # ----------------------------------------------------------------------------- save

@@ -16,9 +16,9 @@ def default_class_names(num_classes: int) -> list[str]:
         return ["foreground"]
     if num_classes == 2:
         return ["background", "foreground"]
-    if num_classes == 3:
+    if num_classes == 3:  # the 3-class targets of napari_unet.weightmap
         return ["background", "interior", "boundary"]
-    return [f"class {i}" for i in range(num_classes)]
+    return ["background", *(f"class {i}" for i in range(1, num_classes))]
 
 
 def segment(
