@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models.summary import format_table, model_rows
@@ -84,6 +86,78 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .checkpoint import save_model
+    from .io import check_writable, read_image
+    from .models import build_model
+    from .predict import resolve_model, select_device
+    from .training import parse_roi, train
+
+    out = check_writable(args.output, args.overwrite)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: models are saved as .safetensors")
+    image = np.asarray(read_image(args.image))
+    labels = np.asarray(read_image(args.labels))
+    if args.model:
+        model = build_model(args.model, 1 if image.ndim == 2 else image.shape[0], args.classes)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = resolve_model(args.init)
+    device, why = select_device(args.device)
+    print(f"training {model.name} ({model.info.parameters:,} parameters) on {why}", file=sys.stderr)
+    roi = parse_roi(args.roi) if args.roi else None
+    bar = None
+
+    def report(event: dict) -> None:
+        nonlocal bar
+        from tqdm import tqdm
+
+        if bar is None:
+            bar = tqdm(
+                total=100,
+                desc="train",
+                unit="%",
+                file=sys.stderr,
+                bar_format="{l_bar}{bar}| {elapsed}",
+            )
+        if event["kind"] == "step":
+            bar.n = round(100 * event["fraction"])
+            bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=True)
+        else:
+            f1 = "-" if event["val_f1"] is None else f"{event['val_f1']:.3f}"
+            iou = "-" if event["val_iou"] is None else f"{event['val_iou']:.3f}"
+            bar.write(
+                f"epoch {event['epoch']:3d}  loss {event['loss']:.4f}  val F1@0.5 {f1}  val IoU {iou}  {event['elapsed']:.0f} s"
+            )
+
+    try:
+        history = train(
+            model,
+            image,
+            labels,
+            roi=roi,
+            loss=args.loss,
+            epochs=args.epochs,
+            seconds=args.seconds,
+            lr=args.lr,
+            seed=args.seed,
+            device=device,
+            val_fraction=args.val_fraction,
+            callback=report,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    save_model(model, out, training=history.summary(), overwrite=args.overwrite)
+    print(
+        f"wrote {out} after {len(history.losses)} steps in {history.seconds:.0f} s", file=sys.stderr
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-unet", description="U-Net family segmentation (napari plugin and CLI)"
@@ -120,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=15, help="smallest object in pixels")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("train", help="fine-tune (or train) a model on an annotated image")
+    p.add_argument("image", help="image (.tif or .zarr), 2-D or (C, Y, X)")
+    p.add_argument("labels", help="instance labels (.tif), 0 = not annotated")
+    p.add_argument("-o", "--output", required=True, help="model to write (.safetensors)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--init", default=None, help="start from this checkpoint (default: the bundled model)"
+    )
+    start.add_argument(
+        "--model", default=None, help="start from a fresh variant instead (e.g. unet, unetpp)"
+    )
+    p.add_argument("--classes", type=int, default=3, help="classes of a fresh variant (default 3)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=float, default=None, help="time budget")
+    budget.add_argument("--epochs", type=int, default=None, help="epochs of 20 steps (default 10)")
+    p.add_argument(
+        "--roi",
+        default=None,
+        help="training region Y0:Y1,X0:X1 (default: annotations' box + 16 px)",
+    )
+    p.add_argument("--loss", default="ce_dice", help="ce, ce_dice, unet3p_hybrid, u2net_sides, ...")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

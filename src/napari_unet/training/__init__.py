@@ -1,8 +1,9 @@
-"""Training engine: losses and augmentation (no napari, no Qt)."""
+"""Training engine: data, losses, augmentation and the trainer loop (no napari, no Qt)."""
 
 from __future__ import annotations
 
 from .augment import Augmenter, elastic_field, outside_mask, warp
+from .data import default_roi, parse_roi
 from .losses import (
     MS_SSIM_WEIGHTS,
     LossPreset,
@@ -23,8 +24,13 @@ from .losses import (
     u2net_sides_loss,
     unet3p_hybrid_loss,
 )
+from .trainer import TrainHistory, train
 
 __all__ = [
+    "TrainHistory",
+    "default_roi",
+    "parse_roi",
+    "train",
     "MS_SSIM_WEIGHTS",
     "Augmenter",
     "LossPreset",

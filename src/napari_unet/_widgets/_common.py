@@ -1,0 +1,214 @@
+"""Small Qt helpers shared by the widgets: layer combo boxes, output layers, status lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QLabel, QProgressBar, QPushButton, QWidget
+
+OUTPUT_KEY = "napari_unet_output"
+"""``layer.metadata[OUTPUT_KEY] = (source layer unique id, kind)`` marks the plugin's layers."""
+
+
+def alive(widget: QWidget) -> bool:
+    """False once Qt deleted the C++ side of ``widget`` (a closed dock widget)."""
+    try:
+        widget.objectName()
+    except RuntimeError:
+        return False
+    return True
+
+
+class LayerCombo(QComboBox):
+    """Layers of some types, kept in sync with the viewer; ``layer()`` is the layer object.
+
+    Items store the layer object itself, so renaming or reordering layers never changes
+    which layer is selected. ``optional`` adds a first "(none)" entry.
+    """
+
+    def __init__(
+        self,
+        viewer: Any,
+        types: Sequence[str],
+        *,
+        optional: bool = False,
+        predicate: Callable[[Any], bool] | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._viewer, self._types, self._optional = viewer, tuple(types), optional
+        self._predicate = predicate
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        events = viewer.layers.events
+        events.inserted.connect(self.refresh)
+        events.removed.connect(self.refresh)
+        events.moved.connect(self.refresh)
+        events.inserted.connect(self._watch_names)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _watch_names(self, event: Any) -> None:
+        event.value.events.name.connect(self.refresh)
+
+    def _accepts(self, layer: Any) -> bool:
+        if type(layer).__name__.lower() not in self._types:
+            return False
+        return self._predicate is None or bool(self._predicate(layer))
+
+    def refresh(self, *_: Any) -> None:
+        if not alive(self):
+            return
+        current = self.layer()
+        layers = [lyr for lyr in self._viewer.layers if self._accepts(lyr)]
+        self.blockSignals(True)
+        self.clear()
+        if self._optional:
+            self.addItem("(none)", None)
+        for layer in layers:
+            self.addItem(layer.name, layer)
+        index = -1
+        if current is not None:
+            index = next((i for i in range(self.count()) if self.itemData(i) is current), -1)
+        if index < 0:
+            active = self._viewer.layers.selection.active
+            index = next((i for i in range(self.count()) if self.itemData(i) is active), -1)
+        if index < 0 and self.count():
+            # default: a user layer rather than one of ours
+            own = [i for i in range(self.count()) if is_output(self.itemData(i))]
+            index = next((i for i in range(self.count()) if i not in own), 0)
+            if self._optional:
+                index = 0
+        self.setCurrentIndex(index)
+        self.blockSignals(False)
+        if current is not self.layer():
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self) -> Any:
+        return self.currentData() if self.count() else None
+
+    def set_layer(self, layer: Any) -> None:
+        for i in range(self.count()):
+            if self.itemData(i) is layer:
+                self.setCurrentIndex(i)
+                return
+        raise ValueError(f"{getattr(layer, 'name', layer)!r} is not offered here")
+
+
+def is_output(layer: Any) -> bool:
+    return layer is not None and OUTPUT_KEY in getattr(layer, "metadata", {})
+
+
+def output_key(source: Any, kind: str) -> tuple[str, str]:
+    return (str(source.unique_id), kind)
+
+
+def find_output(viewer: Any, key: tuple[str, str]) -> Any:
+    """The plugin's own layer for ``key`` (never a user layer), or None."""
+    for layer in viewer.layers:
+        if tuple(layer.metadata.get(OUTPUT_KEY, ())) == tuple(key):
+            return layer
+    return None
+
+
+def unique_name(viewer: Any, name: str, ignore: Any = None) -> str:
+    names = {layer.name for layer in viewer.layers if layer is not ignore}
+    if name not in names:
+        return name
+    n = 2
+    while f"{name} ({n})" in names:
+        n += 1
+    return f"{name} ({n})"
+
+
+def write_output(
+    viewer: Any,
+    key: tuple[str, str],
+    layer_type: str,
+    data: np.ndarray,
+    *,
+    name: str,
+    scale: Sequence[float],
+    translate: Sequence[float],
+    metadata: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Add a new output layer, or replace the data of the plugin's own layer for ``key``.
+
+    A user layer is never touched: if one has ``name``, the new layer gets a unique name.
+    An own layer of another type/shape is removed and the new one takes its place.
+    """
+    meta = {OUTPUT_KEY: tuple(key), **(metadata or {})}
+    old = find_output(viewer, key)
+    if (
+        old is not None
+        and type(old).__name__.lower() == layer_type
+        and old.data.shape == data.shape
+        and old.data.dtype == data.dtype
+        and len(old.scale) == len(scale)
+    ):
+        old.metadata.update(meta)
+        old.scale, old.translate = tuple(scale), tuple(translate)
+        old.data = data
+        if "contrast_limits" in kwargs and hasattr(old, "contrast_limits"):
+            old.contrast_limits = kwargs["contrast_limits"]
+        if old.name != name:
+            old.name = unique_name(viewer, name, ignore=old)
+        return old
+    from napari.layers import Image, Labels
+
+    cls = {"labels": Labels, "image": Image}[layer_type]
+    layer = cls(
+        data,
+        name=unique_name(viewer, name, ignore=old),
+        scale=tuple(scale),
+        translate=tuple(translate),
+        metadata=meta,
+        **kwargs,
+    )
+    if old is not None:
+        index = viewer.layers.index(old)
+        viewer.layers.remove(old)
+        viewer.layers.insert(index, layer)
+    else:
+        viewer.layers.append(layer)
+    return layer
+
+
+def status_label() -> QLabel:
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+    return label
+
+
+def set_status(label: QLabel, text: str, kind: str = "info") -> None:
+    colors = {"info": "", "ok": "color: #6c6;", "warn": "color: #e9a23b;", "error": "color: #f66;"}
+    label.setStyleSheet(colors.get(kind, ""))
+    label.setText(text)
+
+
+class RunControls:
+    """A progress bar, a Run button and a Cancel button."""
+
+    def __init__(self, run_text: str) -> None:
+        self.run = QPushButton(run_text)
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+
+    def busy(self, busy: bool) -> None:
+        self.run.setEnabled(not busy)
+        self.cancel.setEnabled(busy)
+
+    def fraction(self, value: float, text: str | None = None) -> None:
+        self.progress.setValue(int(round(100 * max(0.0, min(1.0, value)))))
+        if text is not None:
+            self.progress.setFormat(text)

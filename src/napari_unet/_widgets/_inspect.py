@@ -1,0 +1,406 @@
+"""Inspect widget: the U-Net border weight map of a labels layer (live) and the
+deep-supervision / side outputs of the current model, with a per-output table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import (
+    LayerCombo,
+    RunControls,
+    alive,
+    is_output,
+    output_key,
+    set_status,
+    status_label,
+    write_output,
+)
+from ._geometry import make_request, place
+from ._jobs import Job, error_text, start_job
+from ._predict import model_line
+from ._state import get_state
+
+DEBOUNCE_MS = 300
+TABLE_COLUMNS = ("output", "parameters", "time", "Dice vs final")
+
+
+def weight_map(labels: np.ndarray, w0: float, sigma: float, class_weights: str) -> np.ndarray:
+    """Border weight map of 2-D labels, plane by plane for stacks (worker thread)."""
+    from ..weightmap import border_weight_map
+
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return border_weight_map(labels, w0=w0, sigma=sigma, class_weights=class_weights)
+    out = np.empty(labels.shape, np.float32)
+    for idx in np.ndindex(*labels.shape[:-2]):
+        out[idx] = border_weight_map(labels[idx], w0=w0, sigma=sigma, class_weights=class_weights)
+    return out
+
+
+def foreground(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """Foreground probability (..., Y, X) of class probabilities (C, ..., Y, X)."""
+    if probs.shape[0] == 1:
+        return probs[0]
+    if "background" in class_names:
+        return 1.0 - probs[class_names.index("background")]
+    return probs[1:].sum(axis=0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any) -> dict:
+    """Every deep-supervision / side output (foreground probability) and its table row."""
+    from ..postprocess import default_class_names
+    from ..predict import predict
+
+    names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
+
+    def progress(done: int, total: int) -> None:
+        report(("progress", done, total))
+
+    report(("stage", "all outputs"))
+    t0 = time.perf_counter()
+    final, heads = predict(
+        model,
+        request.data,
+        axes=request.axes,
+        device=device,
+        outputs="all",
+        progress=progress,
+        cancel=cancel,
+    )
+    t_all = time.perf_counter() - t0
+    fg_final = foreground(final, names) > 0.5
+    maps = [foreground(h, names) for h in heads]
+    unetpp = hasattr(model, "level_parameters")
+    n = len(heads)
+    final_index = model.final_index % n
+    rows = []
+    for i, fg in enumerate(maps):
+        if unetpp:
+            level = i + 1 if model.deep_supervision else model.depth
+            name = f"L{level}" + (" (final)" if i == final_index else "")
+            params = model.level_parameters(level)
+            report(("stage", f"timing level L{level}"))
+            t = time.perf_counter()
+            predict(
+                model, request.data, axes=request.axes, device=device, level=level, cancel=cancel
+            )
+            seconds = f"{time.perf_counter() - t:.2f} s"
+        else:
+            name = "final" if i == final_index else f"output {i + 1}"
+            if n == 1:
+                name = "final (single output)"
+            params = model.info.parameters
+            seconds = f"{t_all:.2f} s (all)" if i == final_index else "—"
+        rows.append(
+            {
+                "output": name,
+                "parameters": f"{params:,}",
+                "time": seconds,
+                "Dice vs final": f"{dice(fg > 0.5, fg_final):.3f}",
+            }
+        )
+    stack = place(request, np.stack(maps).astype(np.float32), channels=True)
+    return {"stack": stack, "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+class InspectWidget(QWidget):
+    """See what the network is trained on and what each depth of it predicts."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.weight_job: Job | None = None
+        self.side_job: Job | None = None
+        self.weight_layer: Any = None
+        self.side_layer: Any = None
+        self.rows: list[dict[str, str]] = []
+        self._watched: Any = None
+        self._dirty = False
+        self.updates = 0
+
+        # --- border weight map
+        self.labels = LayerCombo(
+            napari_viewer, ["labels"], predicate=lambda lyr: not is_output(lyr)
+        )
+        self.w0 = QDoubleSpinBox()
+        self.w0.setRange(0.0, 1000.0)
+        self.w0.setValue(10.0)
+        self.w0.setToolTip("w0: weight of the border term (U-Net paper: 10)")
+        self.sigma = QDoubleSpinBox()
+        self.sigma.setRange(0.1, 200.0)
+        self.sigma.setValue(5.0)
+        self.sigma.setSuffix(" px")
+        self.sigma.setToolTip("σ: width of the border term in pixels (U-Net paper: ≈5)")
+        self.balance = QComboBox()
+        self.balance.addItems(["balanced", "none"])
+        self.balance.setToolTip("Class weights w_c: inverse class frequency, or 1 everywhere")
+        self.live = QCheckBox("update while editing labels")
+        self.live.setChecked(True)
+        self.weight_button = QPushButton("Show weight map")
+        self.weight_status = status_label()
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(DEBOUNCE_MS)
+        self._debounce.timeout.connect(self.show_weight_map)
+
+        wbox = QGroupBox("Border weight map (U-Net eq. 2)")
+        wform = QFormLayout(wbox)
+        wform.addRow("labels", self.labels)
+        wform.addRow("w0", self.w0)
+        wform.addRow("σ", self.sigma)
+        wform.addRow("class weights", self.balance)
+        wform.addRow("", self.live)
+        wform.addRow(self.weight_button)
+        wform.addRow(self.weight_status)
+
+        # --- side outputs
+        self.model_label = status_label()
+        self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
+        self.side_controls = RunControls("Show side outputs")
+        self.table = QTableWidget(0, len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setMinimumHeight(120)
+        self.side_status = status_label()
+
+        sbox = QGroupBox("Deep-supervision / side outputs")
+        slayout = QVBoxLayout(sbox)
+        slayout.addWidget(self.model_label)
+        sform = QFormLayout()
+        sform.addRow("image", self.image)
+        slayout.addLayout(sform)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.side_controls.run)
+        buttons.addWidget(self.side_controls.cancel)
+        slayout.addLayout(buttons)
+        slayout.addWidget(self.side_controls.progress)
+        slayout.addWidget(self.table)
+        slayout.addWidget(self.side_status)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(wbox)
+        layout.addWidget(sbox)
+        layout.addStretch(1)
+
+        self.weight_button.clicked.connect(self.show_weight_map)
+        for spin in (self.w0, self.sigma):
+            spin.valueChanged.connect(self._parameters_changed)
+        self.balance.currentTextChanged.connect(self._parameters_changed)
+        self.labels.currentIndexChanged.connect(self._watch)
+        self.live.toggled.connect(self._watch)
+        self.side_controls.run.clicked.connect(self.show_side_outputs)
+        self.side_controls.cancel.clicked.connect(self.cancel_side_outputs)
+        self.state.model_changed.connect(self._on_model_changed)
+        self.state.loading_changed.connect(self._on_model_changed)
+        self._on_model_changed()
+        self._watch()
+
+    # ------------------------------------------------------------ weight map
+    def _watch(self, *_: Any) -> None:
+        """Follow edits of the selected labels layer while "update while editing" is on."""
+        if not alive(self):
+            return
+        layer = self.labels.layer() if self.live.isChecked() else None
+        if layer is self._watched:
+            return
+        if self._watched is not None:
+            for name in ("data", "paint"):
+                getattr(self._watched.events, name).disconnect(self._labels_edited)
+        self._watched = layer
+        if layer is not None:
+            for name in ("data", "paint"):
+                getattr(layer.events, name).connect(self._labels_edited)
+            if self.weight_layer is not None:
+                self._debounce.start()
+
+    def _labels_edited(self, *_: Any) -> None:
+        if alive(self) and self.weight_layer is not None:
+            self._debounce.start()
+
+    def _parameters_changed(self, *_: Any) -> None:
+        if self.weight_layer is not None:
+            self._debounce.start()
+
+    def show_weight_map(self) -> Job | None:
+        """Compute the weight map of the selected labels (worker) into the plugin's layer."""
+        if not alive(self):
+            return None
+        layer = self.labels.layer()
+        if layer is None:
+            set_status(self.weight_status, "Add or select a labels layer.", "warn")
+            return None
+        if self.weight_job is not None and self.weight_job.running:
+            self._dirty = True  # run again with the newest labels when this one ends
+            return self.weight_job
+        labels = np.array(layer.data, copy=True)
+        w0, sigma, balance = self.w0.value(), self.sigma.value(), self.balance.currentText()
+        self._dirty = False
+        set_status(self.weight_status, f"Computing the weight map of {layer.name!r}…")
+
+        def work(report: Any, cancel: Any) -> tuple[np.ndarray, float]:
+            t = time.perf_counter()
+            wmap = weight_map(labels, w0, sigma, balance)
+            return wmap, time.perf_counter() - t
+
+        def done(result: tuple[np.ndarray, float]) -> None:
+            wmap, seconds = result
+            if layer not in self.viewer.layers:
+                return
+            top = float(wmap.max()) if wmap.size else 1.0
+            self.weight_layer = write_output(
+                self.viewer,
+                output_key(layer, "weight map"),
+                "image",
+                wmap,
+                name=f"{layer.name} [weight map]",
+                scale=layer.scale,
+                translate=layer.translate,
+                metadata={
+                    "napari_unet_weight_map": {"w0": w0, "sigma": sigma, "class_weights": balance}
+                },
+                colormap="viridis",
+                contrast_limits=(0.0, max(top, 1e-6)),
+            )
+            self.updates += 1
+            if alive(self):
+                set_status(
+                    self.weight_status,
+                    f"Weight map of {layer.name!r}: {wmap.min():.2f}–{top:.2f} "
+                    f"({seconds * 1000:.0f} ms).",
+                    "ok",
+                )
+
+        def finished() -> None:
+            if self._dirty and alive(self):
+                self._debounce.start()
+
+        self.weight_job = start_job(
+            work, on_done=done, on_error=self._weight_error, on_finished=finished
+        )
+        return self.weight_job
+
+    def _weight_error(self, exc: BaseException) -> None:
+        if alive(self):
+            set_status(self.weight_status, error_text(exc), "error")
+
+    # ---------------------------------------------------------- side outputs
+    def _on_model_changed(self, *_: Any) -> None:
+        if not alive(self):
+            return
+        text, kind = model_line(self.state)
+        model = self.state.model
+        if model is not None:
+            n = model.num_outputs
+            text += f" — {n} output{'s' if n != 1 else ''}"
+        set_status(self.model_label, text, kind)
+
+    def show_side_outputs(self) -> Job | None:
+        """Predict every output of the current model on the selected image (worker)."""
+        if self.side_job is not None and self.side_job.running:
+            return None
+        layer, model = self.image.layer(), self.state.model
+        if layer is None or model is None:
+            set_status(self.side_status, "Need an image layer and a model.", "warn")
+            return None
+        try:
+            request = make_request(self.viewer, layer, model.in_channels, current_slice=True)
+        except ValueError as exc:
+            set_status(self.side_status, str(exc), "error")
+            return None
+        device = self.state.device
+        self.side_controls.busy(True)
+        self.side_controls.fraction(0.0, "starting…")
+        set_status(self.side_status, f"Predicting every output of {model.name}…")
+        self.side_job = start_job(
+            lambda report, cancel: side_outputs(model, request, device, report, cancel),
+            on_progress=self._side_progress,
+            on_done=lambda res: self._side_done(request, model, res),
+            on_error=self._side_error,
+            on_cancelled=self._side_cancelled,
+            on_finished=self._side_finished,
+        )
+        return self.side_job
+
+    def cancel_side_outputs(self) -> None:
+        if self.side_job is not None and self.side_job.running:
+            self.side_job.cancel()
+
+    def _side_progress(self, items: list[Any]) -> None:
+        if not alive(self):
+            return
+        for item in items:
+            if item[0] == "progress":
+                self.side_controls.fraction(item[1] / max(item[2], 1), f"{item[1]}/{item[2]} tiles")
+            elif item[0] == "stage":
+                self.side_controls.progress.setFormat(item[1])
+
+    def _side_done(self, request: Any, model: Any, result: dict) -> None:
+        src = request.source
+        if src not in self.viewer.layers:
+            return
+        self.side_layer = write_output(
+            self.viewer,
+            output_key(src, "side outputs"),
+            "image",
+            result["stack"],
+            name=f"{src.name} [{model.name} side outputs]",
+            scale=(1.0, *request.scale),
+            translate=(0.0, *request.translate),
+            metadata={"napari_unet_outputs": [r["output"] for r in result["rows"]]},
+            colormap="inferno",
+            contrast_limits=(0.0, 1.0),
+        )
+        self.rows = result["rows"]
+        if not alive(self):
+            return
+        self.table.setRowCount(len(self.rows))
+        for r, row in enumerate(self.rows):
+            for c, key in enumerate(TABLE_COLUMNS):
+                self.table.setItem(r, c, QTableWidgetItem(row[key]))
+        set_status(
+            self.side_status,
+            f"{len(self.rows)} outputs (foreground probability, first axis of "
+            f"{self.side_layer.name!r}) in {result['seconds']:.1f} s.",
+            "ok",
+        )
+        self.side_controls.fraction(1.0, "done")
+
+    def _side_error(self, exc: BaseException) -> None:
+        if alive(self):
+            set_status(self.side_status, error_text(exc), "error")
+
+    def _side_cancelled(self, _: Any) -> None:
+        if alive(self):
+            set_status(self.side_status, "Cancelled; no layer was changed.", "warn")
+            self.side_controls.fraction(0.0, "cancelled")
+
+    def _side_finished(self) -> None:
+        if alive(self):
+            self.side_controls.busy(False)

@@ -1,0 +1,355 @@
+"""napari widgets through the plugin machinery, on a real viewer (no mocks).
+
+Every test uses a tiny model set explicitly, never the bundled weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_unet._widgets import get_state  # noqa: E402
+from napari_unet.models import build_model  # noqa: E402
+
+PLUGIN = "napari-unet"
+TIMEOUT = 60_000  # ms
+
+
+def tiny(name: str = "unet", **config):
+    config = {"base_channels": 4, "depth": 2, **config}
+    return build_model(name, 1, 3, **config)
+
+
+def snapshot(viewer) -> list[tuple[int, str, str]]:
+    """(id, name, data hash) of every layer, in order."""
+    out = []
+    for layer in viewer.layers:
+        data = layer.data
+        if isinstance(data, list):  # shapes
+            blob = b"".join(np.ascontiguousarray(d).tobytes() for d in data)
+        else:
+            blob = np.ascontiguousarray(np.asarray(data)).tobytes()
+        out.append((id(layer), layer.name, hashlib.sha1(blob).hexdigest()))
+    return out
+
+
+def user_layers_unchanged(before, after) -> bool:
+    """Every layer of ``before`` is still there with the same name and data."""
+    now = {i: (n, h) for i, n, h in after}
+    return all(now.get(i) == (n, h) for i, n, h in before)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    v = make_napari_viewer()
+    v.open_sample(PLUGIN, "nuclei")
+    get_state(v).set_model(tiny(), "tiny test model", untrained=True)
+    return v
+
+
+def dock(viewer, name):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, name)
+    return widget
+
+
+def wait_job(qtbot, job, timeout=TIMEOUT):
+    assert job is not None
+    qtbot.waitUntil(lambda: not job.running, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- basics
+def test_widget_import_does_not_import_torch():
+    code = "import napari_unet._widgets, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_manifest_contributions():
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    mf = pm.get_manifest(PLUGIN)
+    assert [w.display_name for w in mf.contributions.widgets] == [
+        "Model",
+        "Predict",
+        "Inspect",
+        "Train",
+    ]
+    assert [s.key for s in mf.contributions.sample_data] == ["nuclei"]
+    items = mf.contributions.menus["napari/layers/segment"]
+    assert items[0].command == "napari-unet.segment"
+
+
+def test_all_widgets_open_and_model_info(viewer, qtbot):
+    widgets = {n: dock(viewer, n) for n in ("Model", "Predict", "Inspect", "Train")}
+    model_widget = widgets["Model"]
+    qtbot.waitUntil(lambda: model_widget.info["parameters"].text() != "—", timeout=TIMEOUT)
+    info = model_widget.info_text()
+    assert info["parameters"] == f"{get_state(viewer).model.info.parameters:,}"
+    assert info["size divisor"] == "4"
+    assert info["exact tiling"] == "yes"
+    assert "CPU" in info["device"] or "CUDA" in info["device"]
+    assert model_widget.warning.isVisible() or not model_widget.isVisible()
+    # the Train widget lists the variants once the engine is loaded
+    qtbot.waitUntil(lambda: widgets["Train"].start_from.count() > 1, timeout=TIMEOUT)
+
+
+def test_model_build_save_load(viewer, qtbot, tmp_path):
+    w = dock(viewer, "Model")
+    state = get_state(viewer)
+    qtbot.waitUntil(lambda: w.variant.count() > 0, timeout=TIMEOUT)
+    w.variant.setCurrentText("unetpp")
+    w.width.setValue(4)
+    w.depth.setValue(2)
+    w.classes.setValue(2)
+    wait_job(qtbot, w.build())
+    assert state.model.name == "unetpp" and state.model.num_classes == 2
+    assert state.untrained and w.warning.isVisibleTo(w)
+    path = tmp_path / "m.safetensors"
+    wait_job(qtbot, w.save_checkpoint(path))
+    assert path.is_file()
+    before = state.model
+    wait_job(qtbot, w.load_checkpoint(path))
+    assert state.model is not before and state.model.name == "unetpp"
+    assert not state.untrained and "m.safetensors" in state.source
+    assert w.load_checkpoint(tmp_path / "weights.pt") is None  # only .safetensors
+    assert "safetensors" in w.status.text()
+
+
+# -------------------------------------------------------------------------- predict
+def test_predict_labels_and_probabilities(viewer, qtbot):
+    image = viewer.layers["nuclei"]
+    image.scale = (0.5, 2.0)
+    image.translate = (10.0, -4.0)
+    # a user layer that happens to have the output's name is never touched
+    viewer.add_labels(np.zeros((4, 4), np.uint32), name="nuclei [unet labels]")
+    w = dock(viewer, "Predict")
+    w.image.set_layer(image)
+    w.probabilities.setChecked(True)
+    before = snapshot(viewer)
+
+    wait_job(qtbot, w.run())
+    after = snapshot(viewer)
+    assert user_layers_unchanged(before, after)
+    labels, probs = w.last_layers
+    assert labels.name == "nuclei [unet labels] (2)"
+    assert labels.data.dtype == np.uint32 and labels.data.shape == (256, 512)
+    assert probs.data.shape == (3, 256, 512) and probs.data.dtype == np.float32
+    assert 0.0 <= probs.data.min() and probs.data.max() <= 1.0
+    np.testing.assert_allclose(probs.data.sum(0), 1.0, atol=1e-4)
+    assert tuple(labels.scale) == (0.5, 2.0) and tuple(labels.translate) == (10.0, -4.0)
+    assert tuple(probs.scale)[1:] == (0.5, 2.0) and tuple(probs.translate)[1:] == (10.0, -4.0)
+
+    # re-running replaces the plugin's own layers, nothing else
+    n = len(viewer.layers)
+    wait_job(qtbot, w.run())
+    assert len(viewer.layers) == n
+    assert w.last_layers[0] is labels and w.last_layers[1] is probs
+    assert user_layers_unchanged(before, snapshot(viewer))
+
+
+def test_predict_lands_on_the_layer_it_started_on(viewer, qtbot):
+    other = viewer.add_image(np.zeros((64, 64), np.float32), name="other")
+    w = dock(viewer, "Predict")
+    w.image.set_layer(viewer.layers["nuclei"])
+    job = w.run()
+    w.image.set_layer(other)  # the user switches while the worker runs
+    viewer.layers.selection.active = other
+    wait_job(qtbot, job)
+    assert w.last_layers[0].name == "nuclei [unet labels]"
+    assert w.last_layers[0].data.shape == (256, 512)
+
+
+def test_predict_stack_current_slice_and_field_of_view(viewer, qtbot):
+    stack = np.stack([viewer.layers["nuclei"].data[:, :256]] * 3)
+    layer = viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    w = dock(viewer, "Predict")
+    w.image.set_layer(layer)
+    assert w.current_slice.isEnabled()
+    w.current_slice.setChecked(True)
+    wait_job(qtbot, w.run())
+    out = w.last_layers[0]
+    assert out.data.shape == (3, 256, 256)
+    assert out.data[0].max() == 0 and out.data[2].max() == 0
+    # field of view: zoom in, the output covers only what is visible
+    w.current_slice.setChecked(False)
+    w.field_of_view.setChecked(True)
+    viewer.camera.center = (1, 128, 128)
+    viewer.camera.zoom = 8 * viewer.camera.zoom
+    wait_job(qtbot, w.run())
+    out = w.last_layers[0]
+    assert out.data.shape[0] == 3 and out.data.shape[1] < 256 and out.data.shape[2] < 256
+    assert out.translate[1] > 0 and out.translate[2] > 0
+
+
+def test_predict_cancel_changes_nothing(viewer, qtbot):
+    big = np.tile(viewer.layers["nuclei"].data, (4, 2))  # 1024 × 1024
+    viewer.add_image(big, name="big")
+    w = dock(viewer, "Predict")
+    w.image.set_layer(viewer.layers["big"])
+    w.probabilities.setChecked(True)
+    w.tile.setValue(128)
+    before = snapshot(viewer)
+    job = w.run()
+    qtbot.waitUntil(
+        lambda: "tiles" in w.controls.progress.format() or not job.running, timeout=TIMEOUT
+    )
+    w.cancel()
+    wait_job(qtbot, job)
+    assert job.cancelled
+    assert snapshot(viewer) == before
+    assert "Cancelled" in w.status.text()
+
+
+def test_segment_menu_command(viewer, qtbot):
+    from napari._app_model import get_app_model
+
+    app = get_app_model()
+    menu_ids = [getattr(i, "command", None) for i in app.menus.get_menu("napari/layers/segment")]
+    assert "napari-unet.segment" in [c.id for c in menu_ids if c is not None]
+    from napari_unet._widgets._commands import segment_image_layer
+
+    viewer.layers.selection.active = viewer.layers["nuclei"]
+    before = snapshot(viewer)
+    wait_job(qtbot, segment_image_layer(viewer))
+    assert user_layers_unchanged(before, snapshot(viewer))
+    out = viewer.layers["nuclei [unet labels]"]
+    assert out.data.dtype == np.uint32 and out.data.shape == (256, 512)
+
+
+# -------------------------------------------------------------------------- inspect
+def test_inspect_weight_map_follows_edits(viewer, qtbot):
+    from napari_unet.weightmap import border_weight_map
+
+    labels = viewer.layers["nuclei labels"]
+    w = dock(viewer, "Inspect")
+    w.labels.set_layer(labels)
+    before = snapshot(viewer)
+    wait_job(qtbot, w.show_weight_map())
+    assert user_layers_unchanged(before, snapshot(viewer))
+    layer = w.weight_layer
+    assert layer.name == "nuclei labels [weight map]"
+    np.testing.assert_allclose(layer.data, border_weight_map(labels.data), rtol=1e-6)
+
+    edited = labels.data.copy()
+    edited[edited == edited.max()] = 0  # the user deletes a nucleus
+    labels.data = edited
+    qtbot.waitUntil(lambda: w.updates >= 2, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not w.weight_job.running, timeout=TIMEOUT)
+    assert w.weight_layer is layer
+    np.testing.assert_allclose(layer.data, border_weight_map(edited), rtol=1e-6)
+
+
+def test_inspect_side_outputs_unetpp(viewer, qtbot):
+    get_state(viewer).set_model(tiny("unetpp", depth=4), "tiny UNet++")
+    w = dock(viewer, "Inspect")
+    w.image.set_layer(viewer.layers["nuclei"])
+    before = snapshot(viewer)
+    wait_job(qtbot, w.show_side_outputs())
+    assert user_layers_unchanged(before, snapshot(viewer))
+    assert w.side_layer.data.shape == (4, 256, 512)
+    assert w.table.rowCount() == 4
+    model = get_state(viewer).model
+    rows = w.rows
+    assert [r["output"] for r in rows] == ["L1", "L2", "L3", "L4 (final)"]
+    assert rows[0]["parameters"] == f"{model.level_parameters(1):,}"
+    assert rows[-1]["Dice vs final"] == "1.000"
+    assert all(r["time"].endswith(" s") for r in rows)
+
+
+# ---------------------------------------------------------------------------- train
+def _average(x, n=10):
+    return float(np.mean(x[:n])), float(np.mean(x[-n:]))
+
+
+def test_train_lowers_loss_and_predict_uses_it(viewer, qtbot):
+    state = get_state(viewer)
+    original = state.model
+    original_state = copy.deepcopy(original.state_dict())
+    predict_widget = dock(viewer, "Predict")
+    predict_widget.probabilities.setChecked(True)
+    predict_widget.image.set_layer(viewer.layers["nuclei"])
+    wait_job(qtbot, predict_widget.run())
+    probs_before = predict_widget.last_layers[1].data.copy()
+
+    w = dock(viewer, "Train")
+    w.image.set_layer(viewer.layers["nuclei"])
+    w.labels.set_layer(viewer.layers["nuclei labels"])
+    w.budget_kind.setCurrentText("seconds")
+    w.budget.setValue(3)
+    w.patch.setValue(64)
+    w.predict_after.setChecked(False)
+    before = snapshot(viewer)
+    wait_job(qtbot, w.run())
+    assert user_layers_unchanged(before, snapshot(viewer))
+    history = w.history
+    assert history is not None and not history.cancelled and len(history.losses) >= 10
+    first, last = _average(history.losses)
+    assert last < first, history.losses
+    assert w.plot.losses == history.losses  # every step reached the plot
+    # the trained model is current; the original was never modified
+    assert state.model is w.trained_model and state.model is not original
+    assert "trained here" in state.source and not state.untrained
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, original_state[k])
+    # Predict uses the new weights
+    wait_job(qtbot, predict_widget.run())
+    probs_after = predict_widget.last_layers[1].data
+    assert not np.allclose(probs_before, probs_after)
+    from napari_unet.predict import predict
+
+    expected = predict(state.model, viewer.layers["nuclei"].data, device="cpu")
+    np.testing.assert_allclose(probs_after, expected, atol=1e-5)
+
+
+def test_train_with_region_and_prediction(viewer, qtbot):
+    shapes = viewer.add_shapes(
+        [np.array([[20, 30], [20, 200], [180, 200], [180, 30]])],
+        shape_type="rectangle",
+        name="region",
+    )
+    w = dock(viewer, "Train")
+    w.image.set_layer(viewer.layers["nuclei"])
+    w.labels.set_layer(viewer.layers["nuclei labels"])
+    w.region.set_layer(shapes)
+    w.budget_kind.setCurrentText("epochs")
+    w.budget.setValue(1)
+    w.patch.setValue(64)
+    before = snapshot(viewer)
+    wait_job(qtbot, w.run())
+    assert w.history.settings["rois"] == [(20, 180, 30, 200)]
+    assert len(w.history.epochs) == 1
+    assert user_layers_unchanged(before, snapshot(viewer))
+    out = viewer.layers["nuclei [unet labels]"]
+    assert out.data.dtype == np.uint32 and out.data.shape == (256, 512)
+
+
+def test_train_cancel_keeps_model_and_layers(viewer, qtbot):
+    state = get_state(viewer)
+    original = state.model
+    original_state = copy.deepcopy(original.state_dict())
+    w = dock(viewer, "Train")
+    w.budget_kind.setCurrentText("seconds")
+    w.budget.setValue(60)
+    w.patch.setValue(64)
+    before = snapshot(viewer)
+    job = w.run()
+    qtbot.waitUntil(lambda: len(w.plot.losses) >= 2, timeout=TIMEOUT)
+    w.cancel()
+    wait_job(qtbot, job)
+    assert job.cancelled
+    assert snapshot(viewer) == before
+    assert state.model is original
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, original_state[k])
+    assert "Cancelled" in w.status.text()
