@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
+from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
 
@@ -28,18 +28,20 @@ def segment(
     class_names: Sequence[str] | None = None,
     threshold: float = 0.5,
     min_size: int = 15,
-    min_distance: int = 4,
+    seed_h: float = 1.0,
 ) -> np.ndarray:
     """Labels from class probabilities ``(C, *leading, Y, X)`` → uint32 ``(*leading, Y, X)``.
 
     * ``mode="semantic"``: argmax class index (one-class models: foreground > threshold).
     * ``mode="instance"``: objects numbered 1..N per image, unique across planes.
-      With an *interior* class (3-class background/interior/boundary models): seeds are
-      connected components of interior > threshold, grown by a watershed on the
-      interior probability inside foreground (interior + boundary > threshold).
-      Otherwise: foreground > threshold, seeds at maxima of the distance transform
-      (``min_distance`` pixels apart), watershed on the distance.
-      Objects smaller than ``min_size`` pixels are removed.
+      The *core* is interior > threshold for 3-class (background/interior/boundary)
+      models and foreground > threshold otherwise. Seeds are the regional maxima of the
+      core's (σ = 1 px smoothed) distance transform that rise at least ``seed_h`` pixels
+      above their surroundings (h-maxima), so cores of touching cells joined by a neck
+      still get one seed each; a watershed on the distance grows them over the
+      foreground. Objects smaller than ``min_size`` pixels are removed.
+      (``seed_h`` = 1 was chosen on synthetic validation images: F1@0.5 0.942 vs 0.933
+      with one seed per connected core.)
     """
     probs = np.asarray(probabilities)
     if probs.ndim < 3:
@@ -57,7 +59,7 @@ def segment(
         if mode == "semantic":
             out[idx] = _semantic(plane, names, threshold)
             continue
-        labels = _instances(plane, names, threshold, min_size, min_distance)
+        labels = _instances(plane, names, threshold, min_size, seed_h)
         n = int(labels.max())
         out[idx] = np.where(labels > 0, labels + offset, 0)
         offset += n
@@ -79,22 +81,13 @@ def _foreground(plane: np.ndarray, names: list[str]) -> np.ndarray:
 
 
 def _instances(
-    plane: np.ndarray, names: list[str], threshold: float, min_size: int, min_distance: int
+    plane: np.ndarray, names: list[str], threshold: float, min_size: int, seed_h: float
 ) -> np.ndarray:
     fg = _foreground(plane, names) > threshold
-    if "interior" in names:
-        interior = plane[names.index("interior")]
-        seeds, _ = ndi.label(interior > threshold)
-        seeds = _remove_small(seeds, max(1, min_size // 4))
-        labels = watershed(-interior, seeds, mask=fg | (seeds > 0))
-    else:
-        dist = ndi.distance_transform_edt(fg)
-        peaks = peak_local_max(
-            dist, min_distance=min_distance, labels=ndi.label(fg)[0], exclude_border=False
-        )
-        markers = np.zeros(fg.shape, dtype=np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        labels = watershed(-dist, markers, mask=fg)
+    core = plane[names.index("interior")] > threshold if "interior" in names else fg
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(core), 1.0)
+    seeds, _ = ndi.label(h_maxima(dist, seed_h) & core)
+    labels = watershed(-dist, seeds, mask=fg | core)
     labels = _remove_small(labels, min_size)
     return relabel_sequential(labels.astype(np.uint32))[0]
 

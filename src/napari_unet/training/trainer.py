@@ -174,7 +174,7 @@ def train(
             "patch_size": patch,
             "optimizer": optimizer,
             "seed": seed,
-            "rois": [d.roi for d in datasets],
+            "images": len(datasets),
         }
     )
     good = copy.deepcopy(model.state_dict())
