@@ -41,6 +41,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .postprocess import default_class_names, segment
     from .predict import predict, resolve_model, select_device
 
+    if args.dask:
+        return _predict_dask(args)
     for path in (args.output, args.probabilities):
         if path is not None:
             check_writable(path, args.overwrite)
@@ -81,6 +83,49 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     n = int(labels.max())
     print(
         f"wrote {args.output} ({args.mode} labels, {n} {'objects' if args.mode == 'instance' else 'classes'})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _predict_dask(args: argparse.Namespace) -> int:
+    """``predict --dask``: chunked prediction on a dask cluster into one zarr store."""
+    import shutil
+    from pathlib import Path
+
+    from .distributed import predict_distributed
+    from .io import is_zarr, read_image
+
+    if not is_zarr(args.output):
+        raise ValueError("--dask writes a zarr store: give -o OUTPUT.zarr")
+    if args.probabilities is not None:
+        raise ValueError(
+            "--dask writes the probabilities into the output store; drop --probabilities"
+        )
+    if args.overwrite and Path(args.output).exists():
+        shutil.rmtree(args.output)
+    bar = _ProgressBar("predict (chunks)")
+    try:
+        _, labels = predict_distributed(
+            args.model,
+            read_image(args.image),
+            scheduler=args.dask,
+            out=args.output,
+            axes=args.axes,
+            channel=args.channel,
+            tile_size=args.tile,
+            batch_size=args.batch,
+            device=args.device,
+            level=args.level,
+            mode=args.mode,
+            min_size=args.min_size,
+            progress=bar,
+        )
+    finally:
+        bar.close()
+    print(
+        f"wrote {args.output} (probabilities, {args.mode} labels {labels.shape}); "
+        "an interrupted run resumes when started again with the same output",
         file=sys.stderr,
     )
     return 0
@@ -158,6 +203,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, headless=args.headless, model=args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-unet", description="U-Net family segmentation (napari plugin and CLI)"
@@ -193,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("instance", "semantic"), default="instance")
     p.add_argument("--min-size", type=int, default=15, help="smallest object in pixels")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help="predict on a dask cluster (scheduler address, or local:N worker processes) "
+        "into the zarr store -o (probabilities + labels); a rerun resumes",
+    )
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("train", help="fine-tune (or train) a model on an annotated image")
@@ -222,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="open napari with sample nuclei, the default model and every widget"
+    )
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="no window: predict and write labels.tif, probabilities.tif, screenshot.png",
+    )
+    p.add_argument(
+        "--output", default=None, help="output folder (default ./demo-output when headless)"
+    )
+    p.add_argument(
+        "-m", "--model", default=None, help="checkpoint (.safetensors); default: the bundled model"
+    )
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -168,6 +168,7 @@ def predict(
     channel: int | None = None,
     out: Any = None,
     halo: int | None = None,
+    scheduler: Any = None,
 ) -> Any:
     """Class probabilities of ``image``, float32 ``(C, *leading, Y, X)``.
 
@@ -179,7 +180,22 @@ def predict(
     an array) to write into instead of memory. ``progress(done, total)`` is called after
     each batch of tiles; ``cancel`` (an Event or callable) stops within one batch by
     raising :class:`Cancelled`; a zarr store created here is then removed.
+
+    ``scheduler`` (a ``distributed.Client``, ``"tcp://…"`` or ``"local:N"``): predict on a
+    dask cluster instead, chunk by chunk, into the zarr group ``out`` (required), and
+    return its arrays ``(probabilities, labels)``; always exact tiling, resumable, see
+    :func:`napari_unet.distributed.predict_distributed` for the options.
     """
+    if scheduler is not None:
+        if outputs != "final":
+            raise ValueError("distributed prediction returns the final output only")
+        from .distributed import predict_distributed
+
+        return predict_distributed(
+            model, image, scheduler=scheduler, out=out, axes=axes, channel=channel,
+            tile_size=tile_size, batch_size=batch_size, device=device, amp=amp,
+            exact=exact, halo=halo, level=level, progress=progress, cancel=cancel,
+        )  # fmt: skip
     model = resolve_model(model)
     if outputs not in ("final", "all"):
         raise ValueError(f"outputs must be 'final' or 'all', got {outputs!r}")

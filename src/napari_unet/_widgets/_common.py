@@ -140,7 +140,8 @@ def write_output(
     """Add a new output layer, or replace the data of the plugin's own layer for ``key``.
 
     A user layer is never touched: if one has ``name``, the new layer gets a unique name.
-    An own layer of another type/shape is removed and the new one takes its place.
+    An own layer of another type/shape is removed and the new one takes its place. Once
+    the user paints on an output labels layer it becomes theirs (see :func:`_adopt`).
     """
     meta = {OUTPUT_KEY: tuple(key), **(metadata or {})}
     old = find_output(viewer, key)
@@ -170,6 +171,8 @@ def write_output(
         metadata=meta,
         **kwargs,
     )
+    if layer_type == "labels":
+        layer.events.paint.connect(_adopt)
     if old is not None:
         index = viewer.layers.index(old)
         viewer.layers.remove(old)
@@ -177,6 +180,14 @@ def write_output(
     else:
         viewer.layers.append(layer)
     return layer
+
+
+def _adopt(event: Any) -> None:
+    """The user edited one of our labels layers (e.g. corrected a prediction to train on
+    it): it is theirs now, and the next run writes a new layer instead of replacing it."""
+    layer = event.source
+    if layer.metadata.pop(OUTPUT_KEY, None) is not None:
+        layer.metadata["napari_unet_edited_output"] = True
 
 
 def status_label() -> QLabel:

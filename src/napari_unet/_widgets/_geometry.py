@@ -56,17 +56,32 @@ def is_stack(layer: Any, in_channels: int = 1) -> bool:
     return leading_count(layer, in_channels)[0] > 0
 
 
+def camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def canvas_size(viewer: Any) -> tuple[int, int] | None:
+    """(height, width) of the canvas in screen pixels (``viewer.canvas.size`` since 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    if canvas is not None and hasattr(canvas, "size"):
+        return tuple(int(v) for v in canvas.size)  # type: ignore[return-value]
+    size = getattr(viewer, "_canvas_size", None)
+    return tuple(int(v) for v in size) if size is not None else None
+
+
 def visible_box(viewer: Any, layer: Any) -> tuple[int, int, int, int] | None:
     """(y0, y1, x0, x1) of the layer pixels inside the canvas, or None when unknown."""
-    try:
-        canvas = viewer.window._qt_viewer.canvas.size  # (height, width) in screen pixels
-    except AttributeError:
+    canvas = canvas_size(viewer)
+    if canvas is None:
         return None
     if list(viewer.dims.displayed) != [viewer.dims.ndim - 2, viewer.dims.ndim - 1]:
         return None  # transposed/3-D display: fall back to the whole plane
     h, w = canvas
-    zoom = float(viewer.camera.zoom)
-    cy, cx = (float(c) for c in viewer.camera.center[-2:])
+    cam = camera(viewer)
+    zoom = float(cam.zoom)
+    cy, cx = (float(c) for c in cam.center[-2:])
     point = np.asarray(viewer.dims.point, dtype=float)
     corners = []
     for y, x in ((cy - h / zoom / 2, cx - w / zoom / 2), (cy + h / zoom / 2, cx + w / zoom / 2)):

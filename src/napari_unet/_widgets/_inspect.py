@@ -144,9 +144,7 @@ class InspectWidget(QWidget):
         self.updates = 0
 
         # --- border weight map
-        self.labels = LayerCombo(
-            napari_viewer, ["labels"], predicate=lambda lyr: not is_output(lyr)
-        )
+        self.labels = LayerCombo(napari_viewer, ["labels"])
         self.w0 = QDoubleSpinBox()
         self.w0.setRange(0.0, 1000.0)
         self.w0.setValue(10.0)

@@ -3,8 +3,9 @@
 ``start_job(fn)`` runs ``fn(report, cancel)`` in a :func:`napari.qt.threading.create_worker`
 thread. ``report(item)`` may be called from the worker thread as often as the engine
 likes (per tile, per optimiser step): items are batched and delivered as a list to
-``on_progress`` on the GUI thread at most every ``interval`` seconds, so the event loop
-is never flooded. ``cancel`` is a :class:`threading.Event` the engine polls; a job that
+``on_progress`` on the GUI thread at most every ``interval`` seconds (default 0.2 s): each
+repaint of a dock widget also recomposes the napari canvas, which takes tens of
+milliseconds with software OpenGL, so updates are kept few. ``cancel`` is a :class:`threading.Event` the engine polls; a job that
 is cancelled never calls ``on_done`` (``on_cancelled`` instead), even when the engine
 had already finished when Cancel was pressed.
 """
@@ -72,7 +73,7 @@ def start_job(
     on_error: Callable[[BaseException], None] | None = None,
     on_cancelled: Callable[[Any], None] | None = None,
     on_finished: Callable[[], None] | None = None,
-    interval: float = 0.05,
+    interval: float = 0.2,
 ) -> Job:
     """Run ``fn(report, cancel)`` in a thread worker; callbacks run on the GUI thread."""
     from napari.qt.threading import create_worker

@@ -30,16 +30,9 @@ CHECKPOINT_FILTER = "napari-unet checkpoints (*.safetensors)"
 
 def variant_defaults(name: str) -> dict[str, Any]:
     """Config keys and defaults a variant accepts (engine import: call off start-up)."""
-    import inspect
+    from ..models import config_defaults
 
-    from ..models import _factory, canonical_name
-
-    params = inspect.signature(_factory(canonical_name(name))).parameters
-    return {
-        k: p.default
-        for k, p in params.items()
-        if k not in ("in_channels", "num_classes") and p.default is not inspect.Parameter.empty
-    }
+    return config_defaults(name)
 
 
 def describe(model: Any, device: str) -> dict[str, str]:
@@ -227,7 +220,7 @@ class ModelWidget(QWidget):
     def _on_model_changed(self, *_: Any) -> None:
         if not alive(self):
             return
-        text, kind = model_line(self.state)
+        text, kind = model_line(self.state, short=True)
         set_status(self.header, text, kind)
         if self.state.error:
             set_status(self.status, self.state.error, "error")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from ._common import (
     RunControls,
     alive,
     find_output,
+    is_output,
     output_key,
     set_status,
     status_label,
@@ -34,19 +36,14 @@ LABEL_MODES = {"instance labels": "instance", "semantic labels": "semantic", "no
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def model_line(state: Any) -> tuple[str, str]:
+def model_line(state: Any, short: bool = False) -> tuple[str, str]:
     """(text, status kind) describing the state's model for the widgets' headers."""
     if state.model is None:
         return ("Model: loading…" if state.loading else "Model: none", "info")
     text = f"Model: {state.model.name} — {state.source}"
-    return (
-        (text + " (untrained: results are not meaningful)", "warn")
-        if state.untrained
-        else (
-            text,
-            "info",
-        )
-    )
+    if not state.untrained:
+        return text, "info"
+    return (text if short else text + " (untrained: results are not meaningful)"), "warn"
 
 
 def run_prediction(
@@ -110,43 +107,47 @@ def run_prediction(
 
 def write_results(
     viewer: Any, request: Request, model: Any, result: dict[str, Any], labels_mode: str | None
-) -> list[Any]:
-    """New (or the plugin's own, replaced) layers for a finished prediction."""
+) -> dict[str, Any]:
+    """New (or the plugin's own, replaced) layers for a finished prediction, by kind."""
     src = request.source
-    written = []
+    written: dict[str, Any] = {}
     info = {"napari_unet_model": model.name, "napari_unet_classes": result["class_names"]}
+    if "probabilities" in result:
+        probs = result["probabilities"]
+        existed = find_output(viewer, output_key(src, "probabilities")) is not None
+        written["probabilities"] = write_output(
+            viewer,
+            output_key(src, "probabilities"),
+            "image",
+            probs,
+            name=f"{src.name} [{model.name} probabilities]",
+            scale=(1.0, *request.scale),
+            translate=(0.0, *request.translate),
+            metadata=info,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+            visible=True,
+        )
+        if not existed and probs.shape[0] > 1:
+            # show the first foreground class rather than the background on the class slider
+            names = result["class_names"]
+            first = next((i for i, n in enumerate(names) if n != "background"), 0)
+            axis = viewer.dims.ndim - probs.ndim
+            if axis >= 0:
+                viewer.dims.set_current_step(axis, first)
     if "labels" in result:
         kind = f"{labels_mode} labels"
         suffix = "labels" if labels_mode == "instance" else "semantic"
-        written.append(
-            write_output(
-                viewer,
-                output_key(src, kind),
-                "labels",
-                result["labels"].astype(np.uint32, copy=False),
-                name=f"{src.name} [{model.name} {suffix}]",
-                scale=request.scale,
-                translate=request.translate,
-                metadata=info,
-            )
-        )
-    if "probabilities" in result:
-        probs = result["probabilities"]
-        written.append(
-            write_output(
-                viewer,
-                output_key(src, "probabilities"),
-                "image",
-                probs,
-                name=f"{src.name} [{model.name} probabilities]",
-                scale=(1.0, *request.scale),
-                translate=(0.0, *request.translate),
-                metadata=info,
-                colormap="magma",
-                contrast_limits=(0.0, 1.0),
-                blending="additive",
-                visible=True,
-            )
+        written["labels"] = write_output(
+            viewer,
+            output_key(src, kind),
+            "labels",
+            result["labels"].astype(np.uint32, copy=False),
+            name=f"{src.name} [{model.name} {suffix}]",
+            scale=request.scale,
+            translate=request.translate,
+            metadata=info,
         )
     return written
 
@@ -160,10 +161,12 @@ class PredictWidget(QWidget):
         self.state = get_state(napari_viewer)
         self.job: Job | None = None
         self.last_result: dict[str, Any] | None = None
-        self.last_layers: list[Any] = []
+        self.last_layers: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        """perf_counter() of "started", "returned" (worker done), "written" (layers added)."""
 
         self.model_label = status_label()
-        self.image = LayerCombo(napari_viewer, ["image"])
+        self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
         self.labels_mode = QComboBox()
         self.labels_mode.addItems(list(LABEL_MODES))
         self.probabilities = QCheckBox("probabilities layer")
@@ -235,6 +238,19 @@ class PredictWidget(QWidget):
         model = self.state.model
         depth = getattr(model, "depth", 0) if hasattr(model, "level_parameters") else 0
         self.level.setRange(0, depth)
+        if model is not None:  # the engine is loaded: show its defaults
+            from ..predict import DEFAULT_BATCH, DEFAULT_TILE
+
+            tiles = sorted(set(DEFAULT_TILE.values()))
+            self.tile.setSpecialValueText(f"auto ({'/'.join(map(str, tiles))} px)")
+            self.batch.setSpecialValueText(
+                f"auto (CPU {DEFAULT_BATCH['cpu']}, GPU {DEFAULT_BATCH['cuda']})"
+            )
+        torch = sys.modules.get("torch")  # loaded with the model; never imported here
+        if model is not None and torch is not None and not torch.cuda.is_available():
+            item = self.device.model().item(DEVICES.index("cuda"))
+            item.setEnabled(False)
+            item.setToolTip("CUDA is not available on this machine")
         self._update_enabled()
 
     def _on_device_changed(self, device: str) -> None:
@@ -309,6 +325,7 @@ class PredictWidget(QWidget):
                 m, request, previous=previous, report=report, cancel=cancel, **options
             )
 
+        self.timings = {"started": time.perf_counter()}
         self.controls.busy(True)
         self.controls.fraction(0.0, "starting…")
         set_status(self.status, f"Predicting {layer.name!r}…")
@@ -344,10 +361,12 @@ class PredictWidget(QWidget):
         self, request: Request, labels_mode: str | None, model: Any, result: dict[str, Any]
     ) -> None:
         self.last_result = result
+        self.timings["returned"] = time.perf_counter()
         if request.source not in self.viewer.layers:
             self._finish_status(f"{request.source.name!r} was removed; result discarded.", "warn")
             return
         self.last_layers = write_results(self.viewer, request, model, result, labels_mode)
+        self.timings["written"] = time.perf_counter()
         what = []
         if "n_labels" in result:
             what.append(

@@ -15,11 +15,6 @@ from psygnal import Signal
 # weak keys: a closed viewer takes its state with it
 _STATES: weakref.WeakKeyDictionary[Any, ModelState] = weakref.WeakKeyDictionary()
 
-FALLBACK_VARIANT = "unet"
-FALLBACK_CONFIG: dict[str, Any] = {"base_channels": 16, "depth": 3}
-"""Same shape as the bundled default (3-class U-Net), used untrained when it is missing."""
-FALLBACK_CLASSES = 3
-
 
 class ModelState:
     """The current model of one viewer, its provenance and the compute device.
@@ -87,18 +82,9 @@ def load_default_or_fallback() -> tuple[Any, str, bool]:
     """(model, source, untrained): the bundled model, else an untrained 3-class U-Net.
 
     Runs in a worker (imports torch); also computes ``model.info`` (receptive field)."""
-    from ..checkpoint import load_default_model
+    from ..demo import default_or_fallback
 
-    try:
-        model = load_default_model()
-        source, untrained = "bundled default", False
-    except FileNotFoundError:
-        from ..models import build_model
-
-        model = build_model(FALLBACK_VARIANT, 1, FALLBACK_CLASSES, **FALLBACK_CONFIG)
-        source, untrained = "UNTRAINED fallback (bundled model missing)", True
-    model.info  # noqa: B018  (measure the receptive field off the GUI thread)
-    return model, source, untrained
+    return default_or_fallback()
 
 
 def get_state(viewer: Any) -> ModelState:

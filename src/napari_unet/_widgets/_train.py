@@ -17,7 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import LayerCombo, RunControls, alive, set_status, status_label
+from ._common import LayerCombo, RunControls, alive, is_output, set_status, status_label
 from ._geometry import layer_array, leading_count, make_request
 from ._jobs import Job, error_text, start_job
 from ._plot import LossPlot
@@ -78,6 +78,14 @@ def training_arrays(
     return img, lab, note
 
 
+def _warm_up_optimizer() -> None:
+    """Create a torch optimizer once: the first one imports torch._dynamo (seconds, and
+    GIL-heavy), which would otherwise happen on the first click on Train."""
+    import torch
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+
 class TrainWidget(QWidget):
     """Train the model on an image + instance labels (+ a rectangle region)."""
 
@@ -89,10 +97,11 @@ class TrainWidget(QWidget):
         self.history: Any = None
         self.trained_model: Any = None
         self.timings: dict[str, float] = {}
+        self.last_roi: tuple[int, int, int, int] | None = None
         self._defaults: dict[str, dict[str, Any]] = {}
 
         self.model_label = status_label()
-        self.image = LayerCombo(napari_viewer, ["image"])
+        self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
         self.labels = LayerCombo(napari_viewer, ["labels"])
         self.region = LayerCombo(napari_viewer, ["shapes"], optional=True)
         self.region.setToolTip(
@@ -184,6 +193,7 @@ class TrainWidget(QWidget):
 
             names = list_models()
             losses = [(n, get_loss(n).description) for n in list_losses()]
+            _warm_up_optimizer()
             return names, losses, {n: variant_defaults(n) for n in names}
 
         def done(result: tuple[list[str], list[tuple[str, str]], dict]) -> None:
@@ -257,6 +267,7 @@ class TrainWidget(QWidget):
             set_status(self.status, str(exc), "error")
             return None
         settings = self.settings()
+        self.last_roi = roi
         device = self.state.device
         fresh_cfg: dict[str, Any] = {}
         if fresh is not None:
@@ -315,7 +326,7 @@ class TrainWidget(QWidget):
             on_error=self._on_error,
             on_cancelled=self._on_cancelled,
             on_finished=self._on_finished,
-            interval=0.1,
+            interval=0.25,
         )
         return self.job
 

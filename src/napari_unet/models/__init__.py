@@ -15,6 +15,7 @@ __all__ = [
     "SegmentationModel",
     "build_model",
     "canonical_name",
+    "config_defaults",
     "count_parameters",
     "list_models",
     "model_description",
@@ -94,6 +95,16 @@ def _factory(name: str) -> Callable[..., SegmentationModel]:
     entry = _REGISTRY[name]
     module = importlib.import_module(f"{__name__}.{entry.module}")
     return getattr(module, entry.factory)
+
+
+def config_defaults(name: str) -> dict[str, object]:
+    """Config keys a variant accepts, with their defaults."""
+    params = inspect.signature(_factory(canonical_name(name))).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k not in ("in_channels", "num_classes") and p.default is not inspect.Parameter.empty
+    }
 
 
 def build_model(

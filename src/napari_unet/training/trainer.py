@@ -41,6 +41,8 @@ class TrainHistory:
     cancelled: bool = False
     diverged: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    rois: list[tuple[int, int, int, int]] = field(default_factory=list)
+    """Training region actually used per image (y0, y1, x0, x1)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +179,7 @@ def train(
             "images": len(datasets),
         }
     )
+    history.rois = [d.roi for d in datasets]
     good = copy.deepcopy(model.state_dict())
     start = time.perf_counter()
     total_steps = epochs * steps_per_epoch if epochs is not None else None
