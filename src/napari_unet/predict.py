@@ -27,7 +27,9 @@ from .tiling import (
 
 __all__ = ["Cancelled", "predict", "resolve_model", "select_device", "tile_plan_for"]
 
-DEFAULT_TILE = {"cpu": 1024, "cuda": 1024}
+DEFAULT_TILE = {"cpu": 768, "cuda": 1024}
+"""Largest default network window (px). On the CPU, 768 keeps the activations of a
+U-Net (base 32) tile near 0.5 GB, so peak memory stays bounded at any image size."""
 DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
 FAST_HALO_FRACTION = 0.5
 """Default (non-exact) mode: halo = this fraction of the receptive-field radius."""
