@@ -34,5 +34,5 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "setup: installing napari-unet (editable) with testing and bench extras"
-"${PIP[@]}" install -e ".[testing,bench]" 2>&1 | grep -v -E "^WARNING: Location|^$" || true
+"${PIP[@]}" install -e ".[testing,bench]"
 .venv/bin/python -c "import napari_unet, torch; print('setup: ok, torch', torch.__version__)"
