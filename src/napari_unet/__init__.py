@@ -21,6 +21,7 @@ _LAZY = {
     "save_model": "napari_unet.checkpoint",
     "load_model": "napari_unet.checkpoint",
     "train": "napari_unet.training.trainer",
+    "predict_distributed": "napari_unet.distributed",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -252,7 +252,7 @@ class _Spec:
     class_names: tuple[str, ...]
     threshold: float
     min_size: int
-    min_distance: int
+    seed_h: float
     strip: int = STRIP
     run: str = ""
     """The run that owns the store now; tasks of an older run never write (see ``_owner``)."""
@@ -321,7 +321,7 @@ def build_spec(
     class_names: Any = None,
     threshold: float = 0.5,
     min_size: int = 15,
-    min_distance: int = 4,
+    seed_h: float = 1.0,
 ) -> _Spec:
     """The chunk geometry and settings of a run (see :func:`predict_distributed`)."""
     from .postprocess import default_class_names
@@ -376,7 +376,7 @@ def build_spec(
         class_names=names,
         threshold=float(threshold),
         min_size=int(min_size),
-        min_distance=int(min_distance),
+        seed_h=float(seed_h),
     )
 
 
@@ -562,7 +562,7 @@ def _task_chunk(spec: _Spec, source: Any, lin: int, stats: np.ndarray) -> dict[s
         class_names=spec.class_names,
         threshold=spec.threshold,
         min_size=spec.min_size,
-        min_distance=spec.min_distance,
+        seed_h=spec.seed_h,
     )
     core = (slice(a - s0, b - s0), slice(c - sc0, d - sc0))
     seg, n = _relabel_core(seg, core)
@@ -803,7 +803,7 @@ def predict_distributed(
     class_names: list[str] | None = None,
     threshold: float = 0.5,
     min_size: int = 15,
-    min_distance: int = 4,
+    seed_h: float = 1.0,
     torch_threads: int | None = None,
     retries: int = 1,
     progress: Callable[[int, int], None] | None = None,
@@ -827,7 +827,7 @@ def predict_distributed(
     receptive-field radius (``halo`` may raise it), i.e. they equal the single-process
     ``predict(..., exact=True)``; models that cannot be tiled exactly (Swin-UNet, …)
     use Gaussian-blended windows inside each chunk's context and are approximate.
-    ``mode``/``class_names``/``threshold``/``min_size``/``min_distance``: as
+    ``mode``/``class_names``/``threshold``/``min_size``/``seed_h``: as
     :func:`napari_unet.postprocess.segment`. ``torch_threads``: torch threads per
     worker (default: the host's cores divided by its workers). ``retries``: re-runs of a
     failing task (a task lost with its worker is re-run by dask anyway).
@@ -869,7 +869,7 @@ def predict_distributed(
         class_names=class_names,
         threshold=threshold,
         min_size=min_size,
-        min_distance=min_distance,
+        seed_h=seed_h,
     )
     chunk, margin, eff_halo, names = spec.chunk, spec.margin, spec.halo, spec.class_names
     # the single-process statistics: one per plane, from the same subsample, on the client
@@ -893,7 +893,7 @@ def predict_distributed(
         "classes": list(names),
         "threshold": spec.threshold,
         "min_size": spec.min_size,
-        "min_distance": spec.min_distance,
+        "seed_h": spec.seed_h,
         "normalization": hashlib.sha256(stats.tobytes()).hexdigest()[:16],
     }
     fingerprint = json.loads(json.dumps(fingerprint))

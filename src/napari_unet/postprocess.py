@@ -86,7 +86,7 @@ def _instances(
     fg = _foreground(plane, names) > threshold
     core = plane[names.index("interior")] > threshold if "interior" in names else fg
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(core), 1.0)
-    seeds, _ = ndi.label(h_maxima(dist, seed_h) & core)
+    seeds, _ = ndi.label(h_maxima(dist, seed_h) & core, structure=np.ones((3, 3)))
     labels = watershed(-dist, seeds, mask=fg | core)
     labels = _remove_small(labels, min_size)
     return relabel_sequential(labels.astype(np.uint32))[0]
