@@ -175,7 +175,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f1 = "-" if event["val_f1"] is None else f"{event['val_f1']:.3f}"
             iou = "-" if event["val_iou"] is None else f"{event['val_iou']:.3f}"
             bar.write(
-                f"epoch {event['epoch']:3d}  loss {event['loss']:.4f}  val F1@0.5 {f1}  val IoU {iou}  {event['elapsed']:.0f} s"
+                f"epoch {event['epoch']:3d}  loss {event['loss']:.4f}  val F1@0.5 {f1}  val IoU {iou}  {event['elapsed']:.0f} s",
+                file=sys.stderr,
             )
 
     try:
