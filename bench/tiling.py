@@ -23,7 +23,7 @@ Everything is measured in one run, with one model and one image:
     on the image normalised by the same routine as ``predict``
     (``normalization_stats(sample_plane(img[None]), get_normalization(model))`` +
     ``apply_normalization``; its time is included, ``predict`` normalises internally),
-    for T = our default ``tile_size`` (1024 on CPU) and T = 512.
+    for T = our default ``tile_size`` (``DEFAULT_TILE["cpu"]``, printed) and T = 512.
 
   For each row: median wall time, MONAI-time/row-time ratios, max and mean absolute
   probability difference vs the whole-image output, and the peak RSS increase during
@@ -53,8 +53,9 @@ huge run's peak is also recorded).
     .venv/bin/python bench/tiling.py [--quick] [--repeats 3] [--size 2048]
                                      [--huge-size 16384] [--skip-huge]
 
-``--quick``: one timed run per row and an 8192² huge run. On 2 CPU cores the full run
-takes about an hour (most of it the huge run).
+``--quick``: one timed run per row and an 8192² huge run. On 2 idle CPU cores the full
+run takes about 30 minutes (20 of them the 16384² run); other load makes it longer and,
+through the estimate, can shrink the huge run.
 """
 
 from __future__ import annotations

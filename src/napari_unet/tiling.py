@@ -204,13 +204,17 @@ def read_window(plane: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 
 
 def gaussian_weights(shape: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
-    """Gaussian importance map (centre 1, floor 1e-3) for blended tiling."""
+    """Gaussian importance map (centre 1, floor 1e-6) for blended tiling.
+
+    The floor only avoids division by zero: MONAI's 1e-3 lets a window edge with poor
+    context weigh as much as good pixels near image borders (max error 0.39 vs 0.011
+    with 1e-6 on bench/tiling.py's model)."""
     axes = []
     for n in shape:
         x = np.arange(n) - (n - 1) / 2
         axes.append(np.exp(-(x**2) / (2 * (n * sigma_scale) ** 2)))
     w = np.outer(*axes).astype(np.float32)
-    return np.maximum(w / w.max(), 1e-3)
+    return np.maximum(w / w.max(), 1e-6)
 
 
 # ----------------------------------------------------------------------- running
