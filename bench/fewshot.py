@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
+from _env import cpu_model
 from napari_unet.checkpoint import load_default_model
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model
@@ -166,7 +166,7 @@ def main() -> None:
         "environment": {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "date": time.strftime("%Y-%m-%d"),
         },
     }

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _env import cpu_model
 from napari_unet.models import SegmentationModel, build_model, list_models
 from napari_unet.models.base import measure_receptive_field
 
@@ -79,17 +80,6 @@ class Row:
     receptive_field: int
     deep_supervision_outputs: int
     tile_exact: bool
-
-
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo (falls back to :func:`platform.processor`)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> dict[str, object]:

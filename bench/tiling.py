@@ -85,6 +85,7 @@ import psutil
 import torch
 from scipy.ndimage import gaussian_filter
 
+from _env import cpu_model
 from napari_unet.models import SegmentationModel, build_model
 from napari_unet.normalize import (
     apply_normalization,
@@ -564,17 +565,6 @@ def bench_cuda(
 
 
 # ------------------------------------------------------------------------ reporting
-def cpu_model() -> str:
-    """The ``model name`` line of /proc/cpuinfo (falls back to :func:`platform.processor`)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict[str, Any]:
     import monai
     import zarr

@@ -22,6 +22,7 @@ import numpy as np
 import scipy
 from skimage.draw import ellipse
 
+from _env import cpu_model
 from napari_unet.weightmap import border_weight_map, border_weight_map_bruteforce
 
 RESULTS = Path(__file__).resolve().parent / "results" / "weightmap.json"
@@ -105,7 +106,7 @@ def main() -> None:
         "brute_extrapolated": subset < n_cells,
         "speedup": brute_s / fast_s,
         "max_abs_diff": max_diff,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": scipy.__version__,
