@@ -42,7 +42,6 @@ worker — never pickled.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
@@ -75,6 +74,8 @@ STRIP = 8
 DEFAULT_CHUNK = 1024
 DEFAULT_MARGIN = 64
 MAX_TILE = 2048
+POLL = 0.05
+"""Seconds between checks for finished tasks and for a cancel."""
 
 # models loaded on this worker, keyed by the sha256 of their safetensors bytes
 _MODELS: dict[str, Any] = {}
@@ -749,30 +750,38 @@ def _gather(
     on_done: Callable[[], None],
     cancel: Any,
 ) -> list[Any]:
-    """Results of ``futures`` in order; calls ``on_done`` after each; honours ``cancel``."""
-    from distributed import wait
+    """Results of ``futures`` in order; calls ``on_done`` after each; honours ``cancel``.
+
+    Polls :class:`distributed.as_completed` without blocking (every ``POLL`` s) so a
+    cancel is seen quickly. (``distributed.wait(..., timeout=)`` in a loop would leak
+    about 2.5 KB per pending future per call in the client: 1.4 GB over a 16384² run.)
+    """
+    from distributed import as_completed
 
     from .tiling import Cancelled, is_cancelled
 
-    pending = set(futures)
+    with client.as_current():
+        finished = as_completed(futures)
+    left = len(futures)
     try:
-        while pending:
+        while left:
             if is_cancelled(cancel):
                 raise Cancelled()
-            try:
-                with client.as_current():
-                    done, pending = wait(pending, timeout=0.2, return_when="FIRST_COMPLETED")
-            except (TimeoutError, asyncio.TimeoutError):
+            batch = finished.next_batch(block=False)
+            if not batch:
+                time.sleep(POLL)
                 continue
-            for fut in done:
+            for fut in batch:
                 if fut.status == "error":
                     fut.result()  # raises the task's exception here
+                left -= 1
                 on_done()
         results = [f.result() for f in futures]
     except BaseException:
-        client.cancel(list(pending))
+        client.cancel([f for f in futures if not f.done()])
         raise
     finally:
+        finished.clear()
         # let the scheduler forget them now: if a worker dies later, dask must not
         # re-run finished tasks of this phase
         for fut in futures:
