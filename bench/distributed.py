@@ -14,7 +14,8 @@
   wall time (cluster start-up excluded, reported apart), megapixels/s, speed-up vs 1
   worker, peak memory per worker process (``VmHWM`` from ``/proc/<pid>/status``: the
   peak RSS since the worker process started, read through ``client.run`` at the end)
-  and the client's own peak RSS increase; the CPU seconds the workers used and
+  and the client's RSS increase over the run and its peak RSS (the client process also
+  hosts the ``LocalCluster`` scheduler); the CPU seconds the workers used and
   ``cores used`` = CPU seconds / wall time (on a shared machine this shows how much CPU
   the workers actually got), and the 1-minute load average before and after;
 * **check**: the labels of every row equal the first row's (chunk by chunk), and
@@ -145,6 +146,7 @@ def run_row(n: int, image: Path, model: Path, out: Path, args) -> dict:
         "cluster_start_s": round(start_s, 2),
         "peak_rss_mb_per_worker": sorted(round(v, 1) for v in peaks.values()),
         "client_rss_increase_mb": round(max(_vm_rss_mb() - rss0, 0.0), 1),
+        "client_peak_rss_mb": round(_vm_hwm_mb(), 1),
         "worker_cpu_s": round(cpu, 1),
         "cores_used": round(cpu / seconds, 2),
         "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
         print(
             f"{row['workers']:>7} {row['seconds']:>9.1f} {row['megapixels_per_s']:>7.2f} "
             f"{row['speedup_vs_first']:>8.2f} {peaks:>24} {row['worker_cpu_s']:>12.0f} "
-            f"{row['cores_used']:>10.2f} {'→'.join(f'{x:.1f}' for x in row['load_average_1min']):>11}"
+            f"{row['cores_used']:>10.2f} {row['client_rss_increase_mb']:>15.0f} {'→'.join(f'{x:.1f}' for x in row['load_average_1min']):>11}"
         )
     for check in checks:
         print(f"check: {check}")
