@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     print(f"\ndistributed prediction, {args.size}² uint16 zarr, chunks {args.chunk}², {model_desc}")
     print(
         f"{'workers':>7} {'seconds':>9} {'Mpx/s':>7} {'speed-up':>8} "
-        f"{'peak RSS/worker (MiB)':>24} {'worker CPU s':>12} {'cores used':>10} {'load':>11}"
+        f"{'peak RSS/worker (MiB)':>24} {'worker CPU s':>12} {'cores used':>10} {'client ΔRSS MiB':>15} {'load':>11}"
     )
     for row in rows:
         peaks = ", ".join(f"{v:.0f}" for v in row["peak_rss_mb_per_worker"])
