@@ -137,7 +137,9 @@ class UNet(SegmentationModel):
             skip = skips.pop()
             if self.padding == "valid":
                 skip = center_crop(skip, *x.shape[-2:])
-            x = dec(torch.cat([skip, x], dim=1))
+            x = torch.cat([skip, x], dim=1)
+            del skip  # free the skip and the up-sampled map before the convolutions
+            x = dec(x)
         return [self.head(x)]
 
 
