@@ -222,3 +222,12 @@ def test_receptive_field_is_measured():
 def test_group_norm_is_not_tile_exact():
     assert not build_model("unet", norm="group", base_channels=8).info.tile_exact
     assert build_model("unet", norm="batch", base_channels=8).info.tile_exact
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_receptive_field_measured_inside_no_grad_blocks(context):
+    """A first ``model.info`` inside no_grad / inference_mode measures the same radius."""
+    expected = build_model("unet", 1, 2, base_channels=4, depth=2).info.receptive_field
+    fresh = build_model("unet", 1, 2, base_channels=4, depth=2)
+    with context():
+        assert fresh.info.receptive_field == expected

@@ -248,8 +248,14 @@ def measure_receptive_field(model: SegmentationModel, max_size: int = 16384) -> 
     The probe is a tall strip; the gradient of the centre output pixel with respect to
     the input marks the pixels it depends on. The strip grows until that support no
     longer reaches the strip's ends; past ``max_size`` the radius is reported as
-    ``max_size // 2`` (effectively global).
+    ``max_size // 2`` (effectively global). Works inside ``torch.no_grad()`` and
+    ``torch.inference_mode()`` blocks too (e.g. a first ``model.info`` there).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _measure_receptive_field(model, max_size)
+
+
+def _measure_receptive_field(model: SegmentationModel, max_size: int) -> int:
     probe = _probe_copy(model)
     width = probe.legal_size(probe.size_divisor)
     height = probe.legal_size(max(64, 4 * probe.size_divisor))
