@@ -18,6 +18,10 @@ For each row it measures
   runs of a group (the variants; the UNet++ levels) go round-robin, one run of each
   network per round, so load from other processes on a shared CPU hits them alike;
   on a busy machine the minimum is the better estimate of the unloaded speed;
+* peak memory of one forward at ``--size``² under ``torch.inference_mode()`` (Linux):
+  in a fresh interpreter after a small warm-up forward, the peak RSS (``VmHWM``, reset
+  through ``/proc/self/clear_refs`` just before the call) minus the RSS before it, in
+  MiB — activations and workspace, not the weights;
 * halo, size divisor, receptive-field radius and number of deep-supervision outputs
   from ``model.info``. For a pruned level L the receptive field is that of the pruned
   sub-network (measured on the equivalent ``depth=L`` UNet++, which has exactly that
@@ -43,6 +47,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -72,6 +78,8 @@ class Row:
     latency_median_s: float
     latency_min_s: float
     latency_all_s: list[float]
+    peak_mib: float | None
+    """Peak RSS above the resting process during one forward (None off Linux)."""
     input_size: int
     compute_size: int
     """Side actually computed on (the input padded up to the size divisor)."""
@@ -120,6 +128,40 @@ def time_interleaved(
                 forward(x)
                 times[key].append(time.perf_counter() - t)
     return times
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def peak_memory(name: str, level: int | None, size: int) -> float | None:
+    """Peak RSS (MiB) above the resting process during one forward at ``size``².
+
+    Measured in a fresh interpreter (``bench/models.py --peak``) so that memory freed
+    by earlier forwards and kept by the allocator cannot hide the peak; None off Linux.
+    """
+    cmd = [sys.executable, __file__, "--peak", name, str(level or 0), str(size)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return float(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout else None
+
+
+def _peak_here(name: str, level: int, size: int) -> float:
+    """The ``--peak`` child: one forward of ``name`` (pruned to ``level`` if > 0)."""
+    model = build_model(name, 1, 2).eval()
+    x = torch.randn(1, 1, size, size)
+    kwargs = {"level": level} if level else {}
+    with torch.inference_mode():
+        model(x[..., :64, :64] if model.info.size_divisor <= 64 else x, **kwargs)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current RSS
+    base = _status_mib("VmRSS")
+    with torch.inference_mode():
+        model(x, **kwargs)
+    return _status_mib("VmHWM") - base
 
 
 @dataclass
@@ -174,6 +216,7 @@ def measure(cases: list[Case], size: int, repeats: int) -> list[Row]:
         flops[case.name] = count_flops(case.forward, x)
         print(f"  {case.name}: {flops[case.name] / 1e9:.1f} GFLOP", flush=True)
     times = time_interleaved({c.name: c.forward for c in cases}, x, repeats)
+    peaks = {case.name: peak_memory(case.model.name, case.level, size) for case in cases}
     rows = []
     for case in cases:
         info = case.model.info
@@ -188,6 +231,7 @@ def measure(cases: list[Case], size: int, repeats: int) -> list[Row]:
                 latency_median_s=statistics.median(t),
                 latency_min_s=min(t),
                 latency_all_s=t,
+                peak_mib=peaks[case.name],
                 input_size=size,
                 compute_size=case.model.legal_size(size),
                 halo=info.halo,
@@ -225,6 +269,7 @@ def format_table(rows: list[Row]) -> str:
         "GFLOP/MP",
         "median s",
         "min s",
+        "peak MiB",
         "computed",
         "halo",
         "divisor",
@@ -238,6 +283,7 @@ def format_table(rows: list[Row]) -> str:
             f"{r.gflop_per_mp:.1f}",
             f"{r.latency_median_s:.3f}",
             f"{r.latency_min_s:.3f}",
+            "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}",
             f"{r.compute_size}²" + (" (padded)" if r.compute_size != r.input_size else ""),
             str(r.halo),
             str(r.size_divisor),
@@ -265,6 +311,9 @@ def format_ratios(ratios: dict[str, dict[str, float]]) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--peak":
+        print(_peak_here(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="input side (px), batch 1")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
