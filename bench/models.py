@@ -19,7 +19,8 @@ For each row it measures
   network per round, so load from other processes on a shared CPU hits them alike;
   on a busy machine the minimum is the better estimate of the unloaded speed;
 * peak memory of one forward at ``--size``² under ``torch.inference_mode()`` (Linux):
-  in a fresh interpreter after a small warm-up forward, the peak RSS (``VmHWM``, reset
+  in a fresh interpreter (glibc ``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors go
+  back to the system) after a small warm-up forward, the peak RSS (``VmHWM``, reset
   through ``/proc/self/clear_refs`` just before the call) minus the RSS before it, in
   MiB — activations and workspace, not the weights;
 * halo, size divisor, receptive-field radius and number of deep-supervision outputs
@@ -145,7 +146,11 @@ def peak_memory(name: str, level: int | None, size: int) -> float | None:
     by earlier forwards and kept by the allocator cannot hide the peak; None off Linux.
     """
     cmd = [sys.executable, __file__, "--peak", name, str(level or 0), str(size)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # glibc's adaptive mmap threshold keeps freed tensors in the heap, which makes the
+    # peak depend on fragmentation (±50% between runs); a fixed threshold maps every
+    # tensor on its own and the figure repeats to <1 MiB
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     return float(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout else None
 
 
