@@ -61,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from _env import cpu_model
 from napari_unet.models import SegmentationModel, build_model, list_models
 from napari_unet.models.base import measure_receptive_field
+from napari_unet.models.summary import align_columns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 UNETPP = "unetpp"
@@ -297,11 +298,7 @@ def format_table(rows: list[Row]) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
-    return "\n".join(out)
+    return align_columns(header, lines)
 
 
 def format_ratios(ratios: dict[str, dict[str, float]]) -> str:

@@ -52,6 +52,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         for r in rows
     ]
+    return align_columns(header, lines)
+
+
+def align_columns(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    """``header`` and ``lines`` as left-aligned text columns under a dashed rule."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
