@@ -231,3 +231,48 @@ def test_receptive_field_measured_inside_no_grad_blocks(context):
     fresh = build_model("unet", 1, 2, base_channels=4, depth=2)
     with context():
         assert fresh.info.receptive_field == expected
+
+
+@pytest.mark.parametrize("scale", [2, 4, 16])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_upsample_conv_branch_equals_upsample_then_conv(scale, norm):
+    """UNet 3+'s branch (taps mixed at low resolution) equals up-sample → 3×3 conv:
+    outputs and input gradients, in train and eval mode, on a non-square input."""
+    from torch import nn
+
+    from napari_unet.models.blocks import UpsampleConvNormAct
+
+    torch.manual_seed(0)
+    branch = UpsampleConvNormAct(12, 5, scale, norm=norm).double()
+    for mode in (True, False):
+        branch.train(mode)
+        x = torch.randn(2, 12, 3, 5, dtype=torch.float64, requires_grad=True)
+        fast = branch(x)
+        (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
+        slow = nn.Sequential.forward(branch, x)
+        (g_slow,) = torch.autograd.grad(slow.square().sum(), x)
+        assert fast.shape == (2, 5, 3 * scale, 5 * scale)
+        assert torch.allclose(fast, slow, atol=1e-12, rtol=0)
+        assert torch.allclose(g_fast, g_slow, atol=1e-10, rtol=1e-10)
+
+
+def test_unet3p_output_unchanged_by_the_branch_rewrite():
+    """The whole UNet 3+ (all deep-supervision outputs) equals the naive up-sample → conv."""
+    from torch import nn
+
+    from napari_unet.models.blocks import UpsampleConvNormAct
+
+    torch.manual_seed(0)
+    model = build_model("unet3p", 1, 2, base_channels=4).double().eval()
+    x = torch.randn(1, 1, 48, 80, dtype=torch.float64)
+    with torch.no_grad():
+        fast = model.forward_all(x)
+        originals = {}
+        for m in model.modules():
+            if isinstance(m, UpsampleConvNormAct):
+                originals[m] = m.forward
+                m.forward = nn.Sequential.forward.__get__(m)  # the naive order
+        slow = model.forward_all(x)
+    assert sum(1 for _ in originals) == 10
+    for a, b in zip(fast, slow):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)

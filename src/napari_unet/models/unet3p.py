@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .base import SegmentationModel
-from .blocks import ConvNormAct, DoubleConv
+from .blocks import ConvNormAct, DoubleConv, UpsampleConvNormAct
 
 #: Logit magnitude used by the CGM gate to force background.
 GATE_LOGIT = 20.0
@@ -116,10 +116,7 @@ class UNet3Plus(SegmentationModel):
                     branch = ConvNormAct(widths[j], cat, norm=norm)
                 else:  # deeper decoder map (bottleneck for the last level), upsampled
                     c_in = widths[j] if j == levels - 1 else up
-                    branch = nn.Sequential(
-                        nn.Upsample(scale_factor=2 ** (j - lvl), mode="bilinear"),
-                        ConvNormAct(c_in, cat, norm=norm),
-                    )
+                    branch = UpsampleConvNormAct(c_in, cat, 2 ** (j - lvl), norm=norm)
                 branches.append(branch)
             self.stages.append(branches)
             self.fusions.append(ConvNormAct(up, up, norm=norm))
@@ -189,7 +186,9 @@ class UNet3Plus(SegmentationModel):
                 branch(feats[j] if j <= lvl else maps[j])
                 for j, branch in zip(range(levels), branches)
             ]
-            maps[lvl] = fuse(torch.cat(parts, dim=1))
+            joined = torch.cat(parts, dim=1)
+            del parts  # free the branch outputs before the fusion convolution
+            maps[lvl] = fuse(joined)
         return maps  # type: ignore[return-value]
 
     def _heads(self, maps: list[torch.Tensor], n: int) -> list[torch.Tensor]:
