@@ -84,16 +84,22 @@ def cluster(tmp_path_factory):
 def first_run(cluster, tiny_model, big_image, tmp_path_factory):
     client, _ = cluster
     out = tmp_path_factory.mktemp("run") / "result.zarr"
+    probs, labels, calls = predict_big_zarr(client, tiny_model, big_image[1], out)
+    return out, probs, labels, calls
+
+
+def predict_big_zarr(client, model, image_path, out):
+    """``predict`` of the 4096² zarr on the cluster → (probabilities, labels, progress calls)."""
     calls = []
     probs, labels = predict(
-        tiny_model,
-        zarr.open_array(str(big_image[1]), mode="r"),
+        model,
+        zarr.open_array(str(image_path), mode="r"),
         scheduler=client,
         out=out,
         device="cpu",
         progress=lambda done, total: calls.append((done, total)),
     )
-    return out, probs, labels, calls
+    return probs, labels, calls
 
 
 def unmatched_objects(labels: np.ndarray, ref: np.ndarray) -> tuple[int, int]:
@@ -249,15 +255,7 @@ def test_resume_recomputes_only_unfinished_chunks(
         group["_work/counts"][lin] = 0
         group["_work/labelled"][lin] = 0
     before = {n: _chunk_files(out, n) for n in ("probabilities", "labels")}
-    calls = []
-    probs, labels = predict(
-        tiny_model,
-        zarr.open_array(str(big_image[1]), mode="r"),
-        scheduler=client,
-        out=out,
-        device="cpu",
-        progress=lambda done, total: calls.append((done, total)),
-    )
+    probs, labels, calls = predict_big_zarr(client, tiny_model, big_image[1], out)
     assert calls[-1] == (2 * len(undone), 2 * len(undone))
     for name in ("probabilities", "labels"):
         after = _chunk_files(out, name)

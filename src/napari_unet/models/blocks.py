@@ -138,15 +138,12 @@ class UpsampleConvNormAct(nn.Sequential):
         # (Cout, Cin, k, k) → (k·k·Cout, Cin, 1, 1): every tap's 1×1 mixing at once
         taps = conv.weight.permute(2, 3, 0, 1).reshape(k * k * n_out, -1, 1, 1)
         mixed = nn.functional.conv2d(x, taps)
-        out = v = None
-        height = width = 0
+        height, width = (int(n * up.scale_factor) for n in x.shape[-2:])
+        # accumulate half-precision taps in float32, as a convolution would
+        acc = torch.promote_types(mixed.dtype, torch.float32)
+        out = mixed.new_zeros((x.shape[0], n_out, height, width), dtype=acc)
         for t in range(k * k):
             v = up(mixed[:, t * n_out : (t + 1) * n_out])
-            if out is None:
-                height, width = v.shape[-2:]
-                # accumulate half-precision taps in float32, as a convolution would
-                acc = torch.promote_types(v.dtype, torch.float32)
-                out = torch.zeros(v.shape, dtype=acc, device=v.device)
             sy, sx = t // k - pad, t % k - pad
             # out[y, x] += v[y + sy, x + sx] where that pixel exists
             out[
@@ -154,7 +151,7 @@ class UpsampleConvNormAct(nn.Sequential):
                 max(0, -sy) : height - max(0, sy),
                 max(0, -sx) : width - max(0, sx),
             ] += v[..., max(0, sy) : height - max(0, -sy), max(0, sx) : width - max(0, -sx)]
-        out = out.to(v.dtype)
+        out = out.to(mixed.dtype)
         if conv.bias is not None:
             out = out + conv.bias.view(1, -1, 1, 1).to(out.dtype)
         for layer in list(block)[1:]:
