@@ -33,6 +33,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing ${TORCH_SPEC:-torch==2.13.0}"
   "${PIP[@]}" install "${TORCH_SPEC:-torch==2.13.0}"
 fi
+# napari 0.9 deprecates PyQt5: the testing extra brings PyQt6; an older venv's PyQt5 would
+# still be picked first by qtpy, so it goes.
+if .venv/bin/python -c "import PyQt5" >/dev/null 2>&1; then
+  echo "setup: removing PyQt5 (Qt6 is used)"
+  "${PIP[@]}" uninstall -y PyQt5 PyQt5-Qt5 PyQt5-sip >/dev/null
+fi
 echo "setup: installing napari-unet (editable) with testing and bench extras"
 "${PIP[@]}" install -e ".[testing,bench]"
 .venv/bin/python -c "import napari_unet, torch; print('setup: ok, torch', torch.__version__)"

@@ -24,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
 def _run(args, env, cwd):
     code = (
         "import sys; from napari_unet.cli import main; rc = main(sys.argv[1:]); "
-        "print('Qt imported:', 'qtpy' in sys.modules or 'PyQt5' in sys.modules); sys.exit(rc)"
+        "print('Qt imported:', 'qtpy' in sys.modules or 'PyQt5' in sys.modules or 'PyQt6' in sys.modules); sys.exit(rc)"
     )
     cmd = [sys.executable, "-c", code, "demo", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
