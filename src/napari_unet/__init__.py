@@ -2,11 +2,19 @@
 
 The engine (models, tiling, training) imports neither napari nor Qt; heavy modules are
 imported lazily so that napari starts fast with the plugin installed.
+
+``napari_unet.predict`` is the *function* :func:`napari_unet.predict.predict`, also after
+the submodule of the same name has been imported (``from napari_unet.predict import
+...`` keeps working: it reads the submodule from ``sys.modules``). Python's import system
+binds a submodule as an attribute of its package after importing it; the package's
+module class below turns that binding into the function of the same name.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -24,6 +32,9 @@ _LAZY = {
     "predict_distributed": "napari_unet.distributed",
 }
 
+# public functions that share their name with the submodule defining them
+_SHADOWED = {name for name, module in _LAZY.items() if module == f"{__name__}.{name}"}
+
 __all__ = ["__version__", *_LAZY]
 
 
@@ -31,3 +42,20 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'napari_unet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``napari_unet.<name>`` the public function when the submodule ``<name>``
+    is imported (the import system then does ``setattr(package, name, submodule)``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

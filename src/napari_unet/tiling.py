@@ -67,6 +67,8 @@ class AxisPlan:
 
 
 def _starts(total: int, window: int, step: int, grid: int) -> list[int]:
+    if step < 1:  # a zero step would append window starts forever
+        raise ValueError(f"tile plan with a step of {step} px (window {window} px): a bug")
     starts = [0]
     while starts[-1] + window < total:
         starts.append(starts[-1] + step)
@@ -94,9 +96,12 @@ def plan_axis(
         return AxisPlan(tuple(starts), window, window, cores, 0, padded, length)
     if model.halo > 0:  # valid convolutions: every output pixel of a window is exact
         padded = model.valid_input_size(length)
-        window = min(max(model.legal_size(1), _legal_at_most(model, max_window)), padded)
+        # windows step by a positive multiple of g, so a window's output must be ≥ g
+        # pixels; a smaller requested window is raised to the smallest such legal size
+        window = max(_smallest_stepping(model), _legal_at_most(model, min(max_window, padded)))
+        window = min(window, padded)
         out_window = model.output_size(window)
-        step = (out_window // g) * g
+        step = max((out_window // g) * g, g)
         starts = _starts(padded, window, step, g)
         trusted = [(s, s + out_window) for s in starts]
         pad_before = model.halo
@@ -128,6 +133,14 @@ def plan_axis(
             break
     starts = starts[: len(cores)]
     return AxisPlan(tuple(starts), window, out_window, tuple(cores), pad_before, padded, length)
+
+
+def _smallest_stepping(model: SegmentationModel) -> int:
+    """Smallest legal window of a valid net whose output covers ``size_divisor`` pixels."""
+    m = model.legal_size(1)
+    while model.output_size(m) < model.size_divisor:
+        m = model.legal_size(m + 1)
+    return m
 
 
 def _legal_at_most(model: SegmentationModel, n: int) -> int:
