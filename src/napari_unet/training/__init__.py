@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from .augment import Augmenter, elastic_field, outside_mask, warp
-from .data import default_roi, parse_roi
+from .data import (
+    MIN_VAL_OBJECTS,
+    TrainingEntry,
+    TrainingSummary,
+    as_entries,
+    default_roi,
+    parse_roi,
+)
 from .losses import (
     MS_SSIM_WEIGHTS,
     LossPreset,
@@ -27,7 +34,11 @@ from .losses import (
 from .trainer import TrainHistory, train
 
 __all__ = [
+    "MIN_VAL_OBJECTS",
     "TrainHistory",
+    "TrainingEntry",
+    "TrainingSummary",
+    "as_entries",
     "default_roi",
     "parse_roi",
     "train",

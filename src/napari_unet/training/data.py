@@ -1,27 +1,53 @@
-"""Training data: normalised image, targets, ignore mask and the region rule; patch sampling.
+"""Training data: entries (image, annotation, regions), targets, ignore masks, validation.
 
-**Region rule (sparse annotations).** Inside the training region (a rectangle
-``(y0, y1, x0, x1)``; by default the bounding box of all annotated pixels grown by
-``margin`` pixels) every labelled pixel belongs to its cell and every unlabelled pixel is
-background: annotate *all* cells inside the rectangle. Everything outside it is unknown
-and ignored by the loss (the image there still gives the network context).
+**Entries.** Training data is a list of :class:`TrainingEntry` — one per image, each with
+any number of rectangles ``(y0, y1, x0, x1)`` (every rectangle of a napari Shapes layer).
+With no rectangle, the region is the bounding box of the annotated pixels grown by
+``margin`` pixels (:func:`default_roi`).
+
+**Region rule (sparse annotations).** Inside the union of an entry's rectangles every
+labelled pixel belongs to its cell and every unlabelled pixel is background: annotate
+*all* cells inside a rectangle. Everything outside is unknown and ignored by the loss (the
+image there still gives the network context).
+
+**Validation** (:func:`plan_validation`), chosen by the caller:
+
+* ``"none"`` — nothing is held out, no score.
+* a held-out fraction of the annotated **objects** — whole cells (with a 3-pixel ring
+  around them) drawn at random are removed from training and scored, spread over all
+  regions (not a strip).
+* **regions of its own** — ``TrainingEntry.val_regions``: rectangles annotated like
+  training rectangles, removed from training and scored.
+
+A score is only reported for at least :data:`MIN_VAL_OBJECTS` objects; below that the
+reason is given instead (:attr:`TrainingSummary.val_note`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from ..normalize import apply_normalization, normalization_stats, sample_plane
 from ..weightmap import border_weight_map, targets_from_instances, two_class_target
 
 DEFAULT_MARGIN = 16
+MIN_VAL_OBJECTS = 5
+"""No validation score is reported on fewer objects than this."""
+VAL_RING = 3
+"""Pixels around a held-out object that are also held out (its boundary stays unseen)."""
+VAL_CONTEXT = 32
+"""Image context (pixels) around validation areas when predicting them."""
+
+Rect = tuple[int, int, int, int]
 
 
-def parse_roi(text: str) -> tuple[int, int, int, int]:
+def parse_roi(text: str) -> Rect:
     """``"Y0:Y1,X0:X1"`` → (y0, y1, x0, x1)."""
     try:
         ys, xs = text.split(",")
@@ -32,7 +58,7 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
     return y0, y1, x0, x1
 
 
-def default_roi(labels: np.ndarray, margin: int = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
+def default_roi(labels: np.ndarray, margin: int = DEFAULT_MARGIN) -> Rect:
     """Bounding box of the annotated pixels grown by ``margin``, clipped to the image."""
     ys, xs = np.nonzero(labels)
     if ys.size == 0:
@@ -48,15 +74,141 @@ def default_roi(labels: np.ndarray, margin: int = DEFAULT_MARGIN) -> tuple[int, 
     )
 
 
-def check_roi(roi: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    y0, y1, x0, x1 = (int(v) for v in roi)
+def check_roi(roi: Sequence[int], shape: tuple[int, int]) -> Rect:
+    """Clip a rectangle to the image; refuse one smaller than 4×4 inside it."""
+    y0, y1, x0, x1 = (int(round(float(v))) for v in roi)
     y0, x0 = max(0, y0), max(0, x0)
     y1, x1 = min(shape[0], y1), min(shape[1], x1)
     if y1 - y0 < 4 or x1 - x0 < 4:
         raise ValueError(
-            f"training region {roi} is empty or smaller than 4×4 inside the image {shape}"
+            f"training region {tuple(roi)} is empty or smaller than 4×4 inside the image {shape}"
         )
     return y0, y1, x0, x1
+
+
+@dataclass
+class TrainingEntry:
+    """One image to train on.
+
+    ``image``: (Y, X) or (C, Y, X) array. ``labels``: (Y, X) integer instance labels, 0 =
+    unlabelled. ``regions``: rectangles (y0, y1, x0, x1) in pixels; empty or None = the
+    annotated area (bounding box of the labels + 16 px). ``val_regions``: rectangles kept
+    for validation (annotate all cells there too); never trained on. ``name``: shown in
+    summaries (e.g. the layer name).
+    """
+
+    image: Any
+    labels: Any
+    regions: Sequence[Sequence[int]] | None = None
+    val_regions: Sequence[Sequence[int]] = ()
+    name: str = ""
+
+
+def as_entries(image: Any, labels: Any = None, roi: Any = None) -> list[TrainingEntry]:
+    """Normalise the accepted forms of training data to a list of :class:`TrainingEntry`.
+
+    * ``image`` a :class:`TrainingEntry`, or a list of them (``labels``/``roi`` unused);
+    * ``image`` a list of ``(image, labels)`` or ``(image, labels, regions)`` tuples;
+    * ``image`` / ``labels`` arrays (or equal-length lists of arrays) and ``roi`` one
+      rectangle (for every image), a list of rectangles (one image: all of them; several
+      images: one per image, None = annotated area) or a list of lists (per image).
+    """
+    if isinstance(image, TrainingEntry):
+        return [image]
+    if isinstance(image, (list, tuple)) and image and labels is None:
+        out = []
+        for item in image:
+            if isinstance(item, TrainingEntry):
+                out.append(item)
+            elif isinstance(item, (list, tuple)) and len(item) in (2, 3):
+                out.append(TrainingEntry(item[0], item[1], item[2] if len(item) == 3 else None))
+            else:
+                raise ValueError(
+                    "training data: expected TrainingEntry or (image, labels[, regions]) items"
+                )
+        return out
+    if labels is None:
+        raise ValueError("training data: labels are missing")
+    many = isinstance(image, (list, tuple))
+    images = list(image) if many else [image]
+    label_list = list(labels) if isinstance(labels, (list, tuple)) else [labels]
+    if len(images) != len(label_list):
+        raise ValueError(f"{len(images)} image(s) but {len(label_list)} label image(s)")
+    if roi is None:
+        per: list[Any] = [None] * len(images)
+    elif _is_rect(roi):
+        per = [[roi]] * len(images)
+    elif not many:
+        per = [list(roi)]
+    else:
+        per = list(roi)
+        if len(per) != len(images):
+            raise ValueError(f"{len(images)} image(s) but {len(per)} ROI(s)")
+        per = [None if r is None else ([r] if _is_rect(r) else list(r)) for r in per]
+    return [TrainingEntry(im, lab, r) for im, lab, r in zip(images, label_list, per)]
+
+
+def _is_rect(r: Any) -> bool:
+    return (
+        isinstance(r, (list, tuple, np.ndarray))
+        and len(r) == 4
+        and all(np.isscalar(v) and not isinstance(v, (str, bytes)) for v in r)
+    )
+
+
+@dataclass
+class TrainingSummary:
+    """What went into a training run (reported at start, stored in the history).
+
+    ``objects``: annotated objects with pixels inside a training region (held-out objects
+    excluded); ``pixels``: pixels the loss sees (inside regions, not held out).
+    ``validation``: "none" | "objects" (held-out fraction) | "regions";
+    ``val_objects``: objects scored; ``val_note``: what the score is, or why there is none.
+    """
+
+    images: int = 0
+    regions: int = 0
+    objects: int = 0
+    pixels: int = 0
+    validation: str = "none"
+    val_objects: int = 0
+    val_pixels: int = 0
+    val_note: str = ""
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    # budget and runtime, filled by the trainer
+    steps: int | None = None
+    seconds: float | None = None
+    precision: str = ""
+    threads: int | None = None
+    device: str = ""
+
+    @property
+    def scored(self) -> bool:
+        """True when a validation score will be reported."""
+        return self.validation != "none" and self.val_objects >= MIN_VAL_OBJECTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """One plain-English line for a status bar or a log."""
+        s = lambda n, w: f"{n:,} {w}" + ("" if n == 1 else "s")  # noqa: E731
+        text = (
+            f"{s(self.images, 'image')}, {s(self.regions, 'region')}, "
+            f"{s(self.objects, 'object')}, {s(self.pixels, 'pixel')}"
+        )
+        budget = []
+        if self.steps is not None:
+            budget.append(s(self.steps, "step"))
+        if self.seconds is not None:
+            budget.append(f"at most {self.seconds:g} s")
+        if budget:
+            text += "; " + " / ".join(budget)
+        if self.precision:
+            text += f"; {self.precision}"
+        if self.threads:
+            text += f", {s(self.threads, 'thread')}"
+        return text + ". " + self.val_note
 
 
 @dataclass
@@ -64,20 +216,36 @@ class TrainingData:
     """Tensors of one image on the training device.
 
     ``image`` (C, H, W) float32 normalised; ``target`` (H, W) int64 class indices;
-    ``ignore`` (H, W) bool, True outside the training region; ``weight`` (H, W) float32
-    or None; ``train_mask`` / ``val_mask`` (H, W) bool split of the region.
+    ``ignore`` (H, W) bool, True where the loss must not look (outside the regions, held
+    out); ``weight`` (H, W) float32 or None. ``val_mask`` (H, W) bool: scored pixels (None:
+    nothing scored here); ``val_labels``: ground truth scored there; ``val_boxes``: crops
+    (y0, y1, x0, x1) covering ``val_mask``.
     """
 
     image: torch.Tensor
     target: torch.Tensor
     ignore: torch.Tensor
     weight: torch.Tensor | None
-    roi: tuple[int, int, int, int]
-    val_roi: tuple[int, int, int, int] | None
+    roi: Rect
+    rois: list[Rect]
     labels: np.ndarray
     image_np: np.ndarray
     known: np.ndarray
     """(K, 2) coordinates of trainable pixels (patch centres are drawn from them)."""
+    val_mask: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    val_boxes: list[Rect] = field(default_factory=list)
+    objects: int = 0
+    val_objects: int = 0
+    name: str = ""
+
+    @property
+    def val_roi(self) -> Rect | None:
+        """Bounding box of the scored pixels (None when nothing is scored here)."""
+        if self.val_mask is None or not self.val_mask.any():
+            return None
+        ys, xs = np.nonzero(self.val_mask)
+        return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
 def as_channels_first(image: Any, in_channels: int) -> np.ndarray:
@@ -91,37 +259,80 @@ def as_channels_first(image: Any, in_channels: int) -> np.ndarray:
         raise ValueError(
             f"training image has {arr.shape[0]} channel(s), the model expects {in_channels}"
         )
+    if min(arr.shape[-2:]) < 2:
+        raise ValueError(f"training image {arr.shape[-2:]} is too small (at least 2×2 pixels)")
     if not np.isfinite(arr).all():
         raise ValueError("training image contains NaN or infinite values")
     return arr
 
 
-def prepare(
-    image: Any,
-    labels: Any,
+def _rect_mask(shape: tuple[int, int], rects: Sequence[Rect]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for y0, y1, x0, x1 in rects:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def _inner_rim(shape: tuple[int, int], rect: Rect) -> np.ndarray:
+    """1-px inner border of ``rect`` on the sides that are not the image border."""
+    y0, y1, x0, x1 = rect
+    rim = np.zeros(shape, bool)
+    if y0 > 0:
+        rim[y0, x0:x1] = True
+    if y1 < shape[0]:
+        rim[y1 - 1, x0:x1] = True
+    if x0 > 0:
+        rim[y0:y1, x0] = True
+    if x1 < shape[1]:
+        rim[y0:y1, x1 - 1] = True
+    return rim
+
+
+def _boxes(mask: np.ndarray, shape: tuple[int, int], context: int) -> list[Rect]:
+    """Crops (with ``context``) covering the connected parts of ``mask``, merged if close."""
+    grown = ndi.binary_dilation(mask, iterations=context) if mask.any() else mask
+    lab, _ = ndi.label(grown)
+    out = []
+    for sl in ndi.find_objects(lab):
+        if sl is not None:
+            out.append((sl[0].start, sl[0].stop, sl[1].start, sl[1].stop))
+    return out
+
+
+def prepare_entry(
+    entry: TrainingEntry,
     *,
     num_classes: int,
     in_channels: int,
     norm: dict[str, Any],
-    roi: tuple[int, int, int, int] | None,
-    val_fraction: float,
     weight_map: bool,
     device: torch.device,
+    val_fraction: float = 0.0,
+    use_val_regions: bool = True,
+    rng: np.random.Generator | None = None,
 ) -> TrainingData:
-    """Normalise, build targets and masks, split the region into train/validation parts."""
-    img = as_channels_first(image, in_channels)
-    lab = np.asarray(labels)
+    """Normalise, build targets and masks, hold out validation objects or regions.
+
+    ``val_fraction`` > 0 holds out that fraction of the objects lying wholly inside the
+    training regions (rounded, at least one when the fraction is positive);
+    ``use_val_regions`` removes and scores ``entry.val_regions``.
+    """
+    img = as_channels_first(entry.image, in_channels)
+    lab = np.asarray(entry.labels)
+    shape = lab.shape
     if lab.shape != img.shape[-2:]:
         raise ValueError(f"labels {lab.shape} and image {img.shape[-2:]} differ in size")
-    if not np.issubdtype(lab.dtype, np.integer):
+    if not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
         raise ValueError(f"labels must be integers (instance ids), got {lab.dtype}")
-    roi = check_roi(roi if roi is not None else default_roi(lab), lab.shape)
-    y0, y1, x0, x1 = roi
-    region = np.zeros(lab.shape, bool)
-    region[y0:y1, x0:x1] = True
+    if lab.size and lab.min() < 0:
+        raise ValueError("labels must be ≥ 0 (0 = background, > 0 = one cell per value)")
+    regions = list(entry.regions) if entry.regions is not None else []
+    rois = [check_roi(r, shape) for r in regions] if regions else [default_roi(lab)]
+    region = _rect_mask(shape, rois)
     inside = np.where(region, lab, 0)
     if not inside.any():
-        raise ValueError(f"no annotated cell inside the training region {roi}")
+        where = rois[0] if len(rois) == 1 else f"{len(rois)} regions"
+        raise ValueError(f"no annotated cell inside the training region {where}")
 
     if num_classes >= 3:
         target = targets_from_instances(inside, mode="3class")
@@ -133,34 +344,109 @@ def prepare(
         target = targets_from_instances(inside, mode="2class")
         weight = border_weight_map(inside) if weight_map else None
 
-    val_roi = None
     ignore = ~region
-    if val_fraction > 0:
-        # the last val_fraction of the region along its longer side is held back
-        if y1 - y0 >= x1 - x0:
-            cut = y1 - round((y1 - y0) * val_fraction)
-            val_roi = (cut, y1, x0, x1) if y1 - cut >= 16 and cut - y0 >= 16 else None
-        else:
-            cut = x1 - round((x1 - x0) * val_fraction)
-            val_roi = (y0, y1, cut, x1) if x1 - cut >= 16 and cut - x0 >= 16 else None
-    if val_roi is not None:
-        vy0, vy1, vx0, vx1 = val_roi
-        ignore = ignore.copy()
-        ignore[vy0:vy1, vx0:vx1] = True
+    val_mask = None
+    val_labels = None
+    n_val = 0
+    val_rects = [check_roi(r, shape) for r in entry.val_regions] if use_val_regions else []
+    if val_rects:
+        vmask = _rect_mask(shape, val_rects)
+        val_labels = np.where(vmask, lab, 0)
+        exclude = ~vmask
+        for r in val_rects:
+            exclude |= _inner_rim(shape, r)
+        ids = np.unique(val_labels[val_labels > 0])
+        touching = np.unique(lab[exclude & (lab > 0) & vmask])
+        n_val = int(np.setdiff1d(ids, touching).size)
+        val_mask = ~exclude
+        ignore = ignore | vmask
+    elif val_fraction > 0:
+        ids = np.unique(inside[inside > 0])
+        # objects wholly inside the regions (a cut object would be scored on a fragment)
+        cut = np.unique(lab[~region & np.isin(lab, ids)])
+        whole = np.setdiff1d(ids, cut)
+        k = min(len(whole), max(1, int(round(val_fraction * len(ids))))) if len(whole) else 0
+        if k:
+            rng = rng if rng is not None else np.random.default_rng(0)
+            held = np.sort(rng.choice(whole, size=k, replace=False))
+            held_mask = np.isin(lab, held)
+            ring = ndi.binary_dilation(held_mask, iterations=VAL_RING) & region
+            val_labels = np.where(held_mask, lab, 0)
+            val_mask = ring
+            n_val = k
+            ignore = ignore | ring
+    known_mask = ~ignore
+    objects = int(np.unique(lab[known_mask & (lab > 0)]).size)
 
     stats = normalization_stats(sample_plane(img), norm)
     img_n = apply_normalization(img, stats)
+    y0 = min(r[0] for r in rois)
+    y1 = max(r[1] for r in rois)
+    x0 = min(r[2] for r in rois)
+    x1 = max(r[3] for r in rois)
     return TrainingData(
-        image=torch.from_numpy(img_n).to(device),
+        image=torch.from_numpy(np.ascontiguousarray(img_n, dtype=np.float32)).to(device),
         target=torch.from_numpy(target.astype(np.int64)).to(device),
         ignore=torch.from_numpy(ignore).to(device),
         weight=None if weight is None else torch.from_numpy(weight.astype(np.float32)).to(device),
-        roi=roi,
-        val_roi=val_roi,
+        roi=(y0, y1, x0, x1),
+        rois=rois,
         labels=lab,
         image_np=img,
-        known=np.argwhere(~ignore),
+        known=np.argwhere(known_mask),
+        val_mask=val_mask,
+        val_labels=val_labels,
+        val_boxes=_boxes(val_mask, shape, VAL_CONTEXT) if val_mask is not None else [],
+        objects=objects,
+        val_objects=n_val,
+        name=entry.name,
     )
+
+
+def prepare(
+    image: Any,
+    labels: Any,
+    *,
+    num_classes: int,
+    in_channels: int,
+    norm: dict[str, Any],
+    roi: Rect | None,
+    val_fraction: float,
+    weight_map: bool,
+    device: torch.device,
+) -> TrainingData:
+    """One image, one rectangle (the former interface of :func:`prepare_entry`)."""
+    return prepare_entry(
+        TrainingEntry(image, labels, None if roi is None else [roi]),
+        num_classes=num_classes,
+        in_channels=in_channels,
+        norm=norm,
+        weight_map=weight_map,
+        device=device,
+        val_fraction=val_fraction,
+    )
+
+
+def _pad_to(t: torch.Tensor, ph: int, pw: int, mode: str, value: Any = 0) -> torch.Tensor:
+    """Pad the last two dims by (ph, pw) at the bottom/right; ``reflect`` works at any size
+    (repeated mirror steps, replicate for a 1-pixel side)."""
+    if mode != "reflect":
+        return torch.nn.functional.pad(t, (0, pw, 0, ph), value=value)
+    x = t[None] if t.dim() == 2 else t
+    x = x[None] if x.dim() == 3 else x
+    dtype = x.dtype
+    if not torch.is_floating_point(x):
+        x = x.float()
+    while ph > 0 or pw > 0:
+        h, w = x.shape[-2:]
+        sy, sx = min(ph, h - 1), min(pw, w - 1)
+        if (ph > 0 and sy == 0) or (pw > 0 and sx == 0):
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+            break
+        x = torch.nn.functional.pad(x, (0, sx, 0, sy), mode="reflect")
+        ph, pw = ph - sy, pw - sx
+    x = x.to(dtype)
+    return x.reshape(*t.shape[:-2], *x.shape[-2:])
 
 
 def sample_batch(
@@ -169,17 +455,17 @@ def sample_batch(
     """Random ``patch``² crops whose centre lies in a known (trainable) pixel.
 
     Returns image (N, C, P, P), target (N, P, P), ignore (N, P, P), weight or None.
-    Images smaller than the patch are reflect-padded; padding is ignored.
+    Images smaller than the patch are mirror-padded (any size); padding is ignored.
     """
     img, tgt, ign, wgt = data.image, data.target, data.ignore, data.weight
     h, w = tgt.shape
     ph, pw = max(0, patch - h), max(0, patch - w)
     if ph or pw:
-        img = torch.nn.functional.pad(img[None], (0, pw, 0, ph), mode="reflect")[0]
-        tgt = torch.nn.functional.pad(tgt, (0, pw, 0, ph))
-        ign = torch.nn.functional.pad(ign, (0, pw, 0, ph), value=True)
+        img = _pad_to(img, ph, pw, "reflect")
+        tgt = _pad_to(tgt, ph, pw, "constant")
+        ign = _pad_to(ign, ph, pw, "constant", value=True)
         if wgt is not None:
-            wgt = torch.nn.functional.pad(wgt, (0, pw, 0, ph))
+            wgt = _pad_to(wgt, ph, pw, "constant")
         h, w = tgt.shape
     known = data.known
     picks = torch.randint(len(known), (batch_size,), generator=generator).numpy()
@@ -200,3 +486,22 @@ def sample_batch(
         torch.stack(igs),
         torch.stack(wgs) if wgt is not None else None,
     )
+
+
+def region_objects(entry: TrainingEntry) -> tuple[int, int]:
+    """(objects with pixels inside the entry's regions, those wholly inside them).
+
+    Validation regions are not subtracted (cheap count used to plan validation).
+    """
+    lab = np.asarray(entry.labels)
+    if lab.ndim != 2:
+        return 0, 0
+    regions = list(entry.regions) if entry.regions is not None else []
+    try:
+        rois = [check_roi(r, lab.shape) for r in regions] if regions else [default_roi(lab)]
+    except ValueError:
+        return 0, 0
+    region = _rect_mask(lab.shape, rois)
+    ids = np.unique(lab[region & (lab > 0)])
+    cut = np.unique(lab[~region & np.isin(lab, ids)])
+    return int(ids.size), int(np.setdiff1d(ids, cut).size)
