@@ -39,6 +39,6 @@ if .venv/bin/python -c "import PyQt5" >/dev/null 2>&1; then
   echo "setup: removing PyQt5 (Qt6 is used)"
   "${PIP[@]}" uninstall -y PyQt5 PyQt5-Qt5 PyQt5-sip >/dev/null
 fi
-echo "setup: installing napari-unet (editable) with testing and bench extras"
-"${PIP[@]}" install -e ".[testing,bench]"
+echo "setup: installing napari-unet (editable) with testing, bench and bioimageio extras"
+"${PIP[@]}" install -e ".[testing,bench,bioimageio]"
 .venv/bin/python -c "import napari_unet, torch; print('setup: ok, torch', torch.__version__)"

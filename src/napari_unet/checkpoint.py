@@ -269,6 +269,9 @@ def load_model(
 ) -> SegmentationModel:
     """Rebuild and load a checkpoint written by :func:`save_model`; eval mode, on ``device``.
 
+    A bioimage.io model package (``.zip`` with an ``rdf.yaml``) is imported with
+    :func:`napari_unet.bioimageio.load_bioimageio` (never unpickled).
+
     The model gets ``normalization`` (dict), ``class_names`` (list[str]),
     ``training_summary`` (dict or None), ``checkpoint_extra`` and ``checkpoint_path``.
 
@@ -278,6 +281,11 @@ def load_model(
     rebuilt model (naming the first mismatching key).
     """
     path = Path(path)
+    if path.suffix.lower() == ".zip":  # a bioimage.io model package
+        from .bioimageio import is_bioimageio_package, load_bioimageio
+
+        if is_bioimageio_package(path):
+            return load_bioimageio(path, device=device)
     _check_file(path)
     try:
         fh_ctx = safe_open(str(path), framework="pt", device="cpu")
