@@ -30,6 +30,9 @@ _LAZY = {
     "load_model": "napari_unet.checkpoint",
     "train": "napari_unet.training.trainer",
     "predict_distributed": "napari_unet.distributed",
+    "load_pretrained": "napari_unet.models.pretrained",
+    "list_pretrained": "napari_unet.models.pretrained",
+    "compare_models": "napari_unet.compare",
 }
 
 # public functions that share their name with the submodule defining them

@@ -564,6 +564,28 @@ def get_loss(name: str | LossPreset) -> LossPreset:
     return _PRESETS[key]
 
 
+def default_loss_for(model: Any) -> str:
+    """The loss preset each paper prescribes for ``model`` (a model or a variant name).
+
+    U-Net with the paper's valid convolutions: weighted cross-entropy (``ce``, border
+    weight map); the padded U-Net: ``ce_dice`` (how the bundled one is trained); UNet++
+    and the wide U-Net: ½·CE + Dice on every head (``ce_dice``, deep supervision
+    averages the heads); UNet 3+: the hybrid focal + MS-SSIM + IoU loss on every side
+    output (``unet3p_hybrid``, plus the CGM term when the model has one); U²-Net(†):
+    the plain sum of CE over the six sides and the fusion (``u2net_sides``); Swin-UNet:
+    CE + Dice (``ce_dice``).
+    """
+    name = model if isinstance(model, str) else getattr(model, "name", "")
+    name = str(name).lower()
+    if name in ("unet3p", "unet3plus", "unet3+"):
+        return "unet3p_hybrid"
+    if name in ("u2net", "u2netp"):
+        return "u2net_sides"
+    if name == "unet" and getattr(model, "padding", "same") == "valid":
+        return "ce"
+    return "ce_dice"
+
+
 def _center_crop(t: torch.Tensor | None, h: int, w: int) -> torch.Tensor | None:
     """Centre crop of (N, H, W) to (N, h, w) (valid-convolution outputs)."""
     if t is None:

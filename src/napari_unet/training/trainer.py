@@ -48,7 +48,7 @@ from .data import (
     region_objects,
     sample_batch,
 )
-from .losses import compute_loss, get_loss
+from .losses import compute_loss, default_loss_for, get_loss
 
 DEFAULT_STEPS_PER_EPOCH = 20
 DEFAULT_EPOCHS = 10
@@ -218,7 +218,7 @@ def train(
     labels: Any = None,
     *,
     roi: Any = None,
-    loss: str = "ce_dice",
+    loss: str | None = None,
     epochs: int | None = None,
     steps: int | None = None,
     seconds: float | None = None,
@@ -259,14 +259,15 @@ def train(
     ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with bf16 matrix units),
     "bf16" or "fp32". ``threads``: torch CPU threads for this run (None: the policy of
     :func:`napari_unet.runtime.choose_threads`); restored afterwards.
-    ``loss``: a preset of :func:`~.losses.get_loss`. ``optimizer``: "adamw" or "sgd".
+    ``loss``: a preset of :func:`~.losses.get_loss`; None (default): the one the
+    variant's paper prescribes, :func:`~.losses.default_loss_for`. ``optimizer``: "adamw" or "sgd".
     ``cancel`` (Event or callable) stops within one step, keeping the last good weights.
     Deterministic on the CPU for a given ``seed`` (with a step budget).
     """
     from ..predict import select_device
 
     total_steps = _resolve_budget(epochs, steps, seconds, steps_per_epoch)
-    preset = get_loss(loss)
+    preset = get_loss(default_loss_for(model) if loss is None else loss)
     dev, dev_why = select_device(device)
     prec = choose_precision(dev, precision)
     entries = as_entries(image, labels, roi)
