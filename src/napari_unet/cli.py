@@ -34,26 +34,77 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _cli_model(spec: str | None, untrained: bool):
+    """``-m``: None → the bundled default; a bundled name → its trained weights
+    (``unetpp``, ``unet3p``, ``u2netp``, ``swin_unet``, ``unet_valid``, ``unet``); a
+    ``.safetensors`` path → that checkpoint; ``--untrained`` → a fresh 3-class network."""
     import warnings
 
+    from .models import build_model
+    from .models.pretrained import is_pretrained, load_pretrained
+    from .predict import resolve_model
+
+    if untrained:
+        if spec is None or str(spec).endswith(".safetensors"):
+            raise ValueError("--untrained needs a variant name: -m unetpp --untrained")
+        model = build_model(str(spec), 1, 3)
+        print(f"warning: {spec!r}: a fresh, untrained {model.name}", file=sys.stderr)
+        return model
+    if spec is not None and is_pretrained(spec):
+        return load_pretrained(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = resolve_model(spec)
+    if spec is not None and not str(spec).endswith(".safetensors"):
+        print(
+            f"warning: {spec!r} has no bundled weights: an untrained {model.name}; "
+            "pass a checkpoint",
+            file=sys.stderr,
+        )
+    return model
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_models, format_rows
+    from .io import read_image
+    from .training import parse_roi
+
+    image = np.asarray(read_image(args.image))
+    labels = np.asarray(read_image(args.labels))
+    rois = [parse_roi(r) for r in args.roi] if args.roi else None
+    models = None
+    if args.models:
+        models = {
+            m: (m if str(m).endswith(".safetensors") else _cli_model(m, False)) for m in args.models
+        }
+
+    def progress(done: int, total: int, name: str) -> None:
+        print(f"[{done}/{total}] {name}", file=sys.stderr)
+
+    rows = compare_models(
+        models, image, labels, rois=rois, heads=not args.no_heads, ap=not args.no_ap,
+        device=args.device, progress=progress,
+    )  # fmt: skip
+    if args.json:
+        import json
+
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+    else:
+        print(format_rows(rows))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
     from .io import check_writable, is_zarr, read_image, write_array
     from .postprocess import default_class_names, segment
-    from .predict import predict, resolve_model, select_device
+    from .predict import predict, select_device
 
     if args.dask:
         return _predict_dask(args)
     for path in (args.output, args.probabilities):
         if path is not None:
             check_writable(path, args.overwrite)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = resolve_model(args.model)
-    if args.model is not None and not str(args.model).endswith(".safetensors"):
-        print(
-            f"warning: {args.model!r} is an untrained {model.name}; pass a checkpoint",
-            file=sys.stderr,
-        )
+    model = _cli_model(args.model, args.untrained)
     image = read_image(args.image)
     device, why = select_device(args.device)
     print(f"model {model.name} ({model.info.parameters:,} parameters) on {why}", file=sys.stderr)
@@ -107,7 +158,7 @@ def _predict_dask(args: argparse.Namespace) -> int:
     bar = _ProgressBar("predict (chunks)")
     try:
         _, labels = predict_distributed(
-            args.model,
+            None if args.model is None else _cli_model(args.model, args.untrained),
             read_image(args.image),
             scheduler=args.dask,
             out=args.output,
@@ -132,12 +183,10 @@ def _predict_dask(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import warnings
-
     from .checkpoint import save_model
     from .io import check_writable, read_image
     from .models import build_model
-    from .predict import resolve_model, select_device
+    from .predict import select_device
     from .training import parse_roi, train
 
     out = check_writable(args.output, args.overwrite)
@@ -148,9 +197,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.model:
         model = build_model(args.model, 1 if image.ndim == 2 else image.shape[0], args.classes)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = resolve_model(args.init)
+        model = _cli_model(args.init, False)
     device, why = select_device(args.device)
     print(f"training {model.name} ({model.info.parameters:,} parameters) on {why}", file=sys.stderr)
     roi = parse_roi(args.roi) if args.roi else None
@@ -228,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         "--model",
         default=None,
-        help="checkpoint (.safetensors) or variant name; default: the bundled model",
+        help="bundled trained variant (unet, unet_valid, unetpp, unet3p, u2netp, swin_unet) "
+        "or a checkpoint (.safetensors); default: the bundled U-Net",
+    )
+    p.add_argument(
+        "--untrained", action="store_true", help="build a fresh, untrained network of -m NAME"
     )
     p.add_argument("-o", "--output", required=True, help="labels output (.tif or .zarr)")
     p.add_argument(
@@ -261,7 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model to write (.safetensors)")
     start = p.add_mutually_exclusive_group()
     start.add_argument(
-        "--init", default=None, help="start from this checkpoint (default: the bundled model)"
+        "--init",
+        default=None,
+        help="start from a bundled variant (unetpp, unet3p, ...) or a checkpoint "
+        "(default: the bundled U-Net)",
     )
     start.add_argument(
         "--model", default=None, help="start from a fresh variant instead (e.g. unet, unetpp)"
@@ -275,13 +329,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training region Y0:Y1,X0:X1 (default: annotations' box + 16 px)",
     )
-    p.add_argument("--loss", default="ce_dice", help="ce, ce_dice, unet3p_hybrid, u2net_sides, ...")
+    p.add_argument(
+        "--loss",
+        default=None,
+        help="ce, ce_dice, unet3p_hybrid, u2net_sides, ... (default: the variant's paper loss)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "compare", help="score models on an annotated image: F1, IoU, AP, time; best first"
+    )
+    p.add_argument("image", help="image (.tif or .zarr)")
+    p.add_argument("labels", help="instance labels (.tif), the ground truth")
+    p.add_argument(
+        "-m", "--models", nargs="+", default=None,
+        help="bundled names and/or checkpoints (default: every bundled trained variant)",
+    )  # fmt: skip
+    p.add_argument(
+        "--roi", action="append", default=None,
+        help="region Y0:Y1,X0:X1 to score (repeatable; default: the whole image)",
+    )  # fmt: skip
+    p.add_argument("--no-heads", action="store_true", help="final outputs only, no per-depth rows")
+    p.add_argument("--no-ap", action="store_true", help="skip AP@0.5:0.95")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
         "demo", help="open napari with sample nuclei, the default model and every widget"
