@@ -82,6 +82,7 @@ def test_manifest_contributions():
         "Predict",
         "Inspect",
         "Train",
+        "Compare models",
     ]
     assert [s.key for s in mf.contributions.sample_data] == ["nuclei"]
     items = mf.contributions.menus["napari/layers/segment"]
