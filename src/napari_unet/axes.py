@@ -48,6 +48,19 @@ def infer_axes(shape: tuple[int, ...], in_channels: int) -> str:
     )
 
 
+def check_dtype(dtype: Any, what: str = "image") -> np.dtype:
+    """Refuse complex, object, string and structured images with a message."""
+    dt = np.dtype(dtype)
+    if dt.kind == "c":
+        raise ValueError(
+            f"the {what} is complex-valued ({dt}); napari-unet segments real intensities — "
+            "convert it first (e.g. its magnitude, np.abs, or its real part)"
+        )
+    if dt.kind not in "biuf":
+        raise ValueError(f"the {what} has data type {dt}, not numbers; cannot segment it")
+    return dt
+
+
 def check_axes(axes: str, shape: tuple[int, ...]) -> str:
     axes = axes.upper()
     if len(axes) != len(shape):
@@ -109,6 +122,7 @@ def resolve_layout(
     ``channel`` picks one channel for a one-channel model; an RGB(A) image on a
     one-channel model otherwise becomes luminance.
     """
+    check_dtype(image.dtype)
     shape = tuple(int(s) for s in image.shape)
     if any(s == 0 for s in shape):
         raise ValueError(f"image is empty (shape {shape})")

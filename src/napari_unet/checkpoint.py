@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -29,9 +31,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from .models import SegmentationModel, build_model, canonical_name, list_models
-from .normalize import DEFAULT_NORMALIZATION, get_normalization
+from .normalize import DEFAULT_NORMALIZATION, check_normalization, get_normalization
 from .postprocess import default_class_names
 
 __all__ = [
@@ -188,11 +191,19 @@ def _check_file(path: Path) -> None:
     """Refuse missing, pickle-based and structurally invalid files without parsing them."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_error(path, f"'{path.suffix}' file name")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
-    size = path.stat().st_size
+    try:
+        st = os.stat(path)  # never open() before knowing it is a regular file (a FIFO blocks)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(
+            f"{path} is not a regular file (a pipe, socket or device?); refusing to read it"
+        )
+    size = st.st_size
     with open(path, "rb") as fh:
         head = fh.read(9)
     # A safetensors file: u64 little-endian header length n, then n bytes of JSON "{...".
@@ -264,6 +275,180 @@ def _tuples(value: Any) -> Any:
     return value
 
 
+_INT_RANGES = {
+    "in_channels": (1, 256),
+    "num_classes": (1, 1024),
+    "base_channels": (1, 1024),
+    "depth": (1, 8),
+    "embed_dim": (1, 1024),
+    "img_size": (8, 8192),
+    "window_size": (1, 64),
+    "patch_size": (1, 64),
+}
+_INT_LIST_RANGES = {"depths": (0, 32), "num_heads": (1, 128)}
+_FLOAT_RANGES = {"width": (1e-3, 16.0), "drop_path_rate": (0.0, 1.0)}
+_MAX_CHANNELS = 1 << 16
+"""Widest layer (base_channels · 2^depth) a checkpoint config may ask for."""
+_FLOAT_DTYPES = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+_DTYPE_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_config(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Types and ranges of the rebuild recipe, before anything is built."""
+    config = meta["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: napari-unet metadata 'config' is not a JSON object")
+    if not isinstance(meta["variant"], str):
+        raise ValueError(f"{path}: napari-unet metadata 'variant' is not a name")
+    values = {"in_channels": meta["in_channels"], "num_classes": meta["num_classes"], **config}
+    for key, value in values.items():
+        if key in _INT_RANGES:
+            lo, hi = _INT_RANGES[key]
+            if not _is_int(value) or not lo <= value <= hi:
+                raise ValueError(
+                    f"{path}: checkpoint config {key}={value!r} is not an integer in {lo}..{hi}"
+                )
+        elif key in _INT_LIST_RANGES:
+            lo, hi = _INT_LIST_RANGES[key]
+            if (
+                not isinstance(value, list)
+                or not 1 <= len(value) <= 8
+                or not all(_is_int(v) and lo <= v <= hi for v in value)
+            ):
+                raise ValueError(
+                    f"{path}: checkpoint config {key}={value!r} is not a list of 1..8 "
+                    f"integers in {lo}..{hi}"
+                )
+        elif key in _FLOAT_RANGES:
+            lo, hi = _FLOAT_RANGES[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or not lo <= value <= hi:
+                raise ValueError(
+                    f"{path}: checkpoint config {key}={value!r} is not a number in {lo}..{hi}"
+                )
+        elif isinstance(value, (dict, list)) or (isinstance(value, str) and len(value) > 64):
+            raise ValueError(f"{path}: checkpoint config {key}={value!r} is not a setting")
+    base, depth = config.get("base_channels", 64), config.get("depth", 4)
+    if _is_int(base) and _is_int(depth) and base * 2**depth > _MAX_CHANNELS:
+        raise ValueError(
+            f"{path}: checkpoint config base_channels={base}, depth={depth} asks for "
+            f"{base * 2**depth} channels in the deepest layer (at most {_MAX_CHANNELS})"
+        )
+    norm = meta.get("normalization")
+    if norm is not None:
+        try:
+            check_normalization(norm)
+        except ValueError as err:
+            raise ValueError(f"{path}: checkpoint {err}") from None
+    classes = meta.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list)
+        or len(classes) != meta["num_classes"]
+        or not all(isinstance(c, str) and len(c) <= 200 for c in classes)
+    ):
+        raise ValueError(
+            f"{path}: checkpoint 'classes' must be {meta['num_classes']} class names, "
+            f"got {str(classes)[:80]}"
+        )
+    return config
+
+
+class _LargeOnMeta(TorchFunctionMode):
+    """Puts every large tensor a constructor creates on the ``meta`` device (no memory),
+    small ones stay real (some constructors compute with them, e.g. ``linspace(...).tolist()``)."""
+
+    LIMIT = 1 << 16
+    FACTORIES = frozenset(
+        {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and args:
+            size = args[0] if isinstance(args[0], (tuple, list, torch.Size)) else args
+            if func is torch.full:
+                size = args[0]
+            try:
+                n = math.prod(int(v) for v in size)
+            except (TypeError, ValueError):
+                n = 0
+            if n > self.LIMIT:
+                kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _build(path: Path, meta: dict[str, Any], *, on_meta: bool) -> SegmentationModel:
+    variant = meta["variant"]
+    try:
+        if on_meta:
+            with _LargeOnMeta():
+                return build_model(
+                    variant, meta["in_channels"], meta["num_classes"],
+                    **_tuples(dict(meta["config"])),
+                )  # fmt: skip
+        return build_model(
+            variant, meta["in_channels"], meta["num_classes"], **_tuples(dict(meta["config"]))
+        )
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, OverflowError) as err:
+        known = ", ".join(list_models())
+        raise ValueError(
+            f"{path}: cannot rebuild model variant {variant!r} with config "
+            f"{meta['config']} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            f"; this napari-unet knows: {known}"
+        ) from None
+
+
+def _check_tensors(path: Path, fh: Any, skeleton: SegmentationModel, config: Any) -> None:
+    """Every tensor's name, shape and dtype in the file header against the model."""
+    expected = skeleton.state_dict()
+    stored = set(fh.keys())
+    missing = [k for k in expected if k not in stored]
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint lacks tensor {missing[0]!r} needed by the rebuilt "
+            f"{skeleton.name} ({len(missing)} missing in total)"
+        )
+    unexpected = sorted(stored - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{path}: checkpoint has tensor {unexpected[0]!r} that the rebuilt "
+            f"{skeleton.name} does not have ({len(unexpected)} unexpected in total)"
+        )
+    for key, ref in expected.items():
+        sl = fh.get_slice(key)
+        shape = tuple(sl.get_shape())
+        if shape != tuple(ref.shape):
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {shape} in the checkpoint but "
+                f"{tuple(ref.shape)} in the rebuilt {skeleton.name} (config {config})"
+            )
+        dtype = str(sl.get_dtype()).upper()
+        want = _DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
+        if ref.dtype.is_floating_point:
+            if dtype not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"{path}: tensor {key!r} holds {dtype} values; weights must be floating "
+                    f"point ({want}) — the checkpoint is corrupt or not a napari-unet model"
+                )
+        elif dtype != want:
+            raise ValueError(
+                f"{path}: tensor {key!r} has dtype {dtype} in the checkpoint but {want} in "
+                f"the rebuilt {skeleton.name}"
+            )
+
+
 def load_model(
     path: str | os.PathLike[str], device: str | torch.device = "cpu"
 ) -> SegmentationModel:
@@ -275,10 +460,18 @@ def load_model(
     The model gets ``normalization`` (dict), ``class_names`` (list[str]),
     ``training_summary`` (dict or None), ``checkpoint_extra`` and ``checkpoint_path``.
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for pickle-based
-    files (refused without being unpickled), non-safetensors/corrupt/truncated files,
-    missing metadata, unknown variants or config, and tensors that do not match the
-    rebuilt model (naming the first mismatching key).
+    Everything is checked before memory is committed: the file must be a regular file
+    (a pipe or a device is refused without being opened), the metadata's types and
+    ranges (variant, channels, classes, config, normalisation, class names); the model
+    is first built with its large tensors on the ``meta`` device and every tensor's
+    name, shape and dtype in the file header is compared with it; only then is the model
+    built and the tensors read, each of which must be finite floating point (integer
+    buffers such as BatchNorm's counter excepted).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for everything
+    else: pickle-based files (refused without being unpickled), non-safetensors /
+    corrupt / truncated files, missing or invalid metadata, unknown variants or config,
+    and tensors that do not match the model (naming the first mismatching key).
     """
     path = Path(path)
     if path.suffix.lower() == ".zip":  # a bioimage.io model package
@@ -293,45 +486,23 @@ def load_model(
         raise _open_error(path, err) from err
     with fh_ctx as fh:
         meta = _parse_metadata(path, fh.metadata())
-        variant = meta["variant"]
-        try:
-            model = build_model(
-                str(variant),
-                int(meta["in_channels"]),
-                int(meta["num_classes"]),
-                **_tuples(dict(meta["config"])),
-            )
-        except (ValueError, TypeError) as err:
-            known = ", ".join(list_models())
-            raise ValueError(
-                f"{path}: cannot rebuild model variant {variant!r} with config "
-                f"{meta['config']} ({err}); this napari-unet knows: {known}"
-            ) from err
-        expected = model.state_dict()
-        stored = set(fh.keys())
-        missing = [k for k in expected if k not in stored]
-        if missing:
-            raise ValueError(
-                f"{path}: checkpoint lacks tensor {missing[0]!r} needed by the rebuilt "
-                f"{model.name} ({len(missing)} missing in total)"
-            )
-        unexpected = sorted(stored - set(expected))
-        if unexpected:
-            raise ValueError(
-                f"{path}: checkpoint has tensor {unexpected[0]!r} that the rebuilt "
-                f"{model.name} does not have ({len(unexpected)} unexpected in total)"
-            )
-        for key, ref in expected.items():
-            shape = tuple(fh.get_slice(key).get_shape())
-            if shape != tuple(ref.shape):
-                raise ValueError(
-                    f"{path}: tensor {key!r} has shape {shape} in the checkpoint but "
-                    f"{tuple(ref.shape)} in the rebuilt {model.name} (config {meta['config']})"
-                )
-        try:
-            state = {key: fh.get_tensor(key) for key in expected}
-        except Exception as err:
-            raise _open_error(path, err) from err
+        config = _check_config(path, meta)
+        _check_tensors(path, fh, _build(path, meta, on_meta=True), config)
+        model = _build(path, meta, on_meta=False)
+        state = {}
+        for key, ref in model.state_dict().items():
+            try:
+                tensor = fh.get_tensor(key)
+            except Exception as err:
+                raise _open_error(path, err) from err
+            if ref.dtype.is_floating_point:
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(
+                        f"{path}: tensor {key!r} holds NaN or infinite values; the checkpoint "
+                        "is corrupt (or its training diverged)"
+                    )
+                tensor = tensor.to(ref.dtype)
+            state[key] = tensor
     model.load_state_dict(state, strict=True)
     classes = meta.get("classes") or default_class_names(model.num_classes)
     model.normalization = dict(meta.get("normalization") or DEFAULT_NORMALIZATION)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -94,43 +95,82 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_path(spec: str | None) -> str | None:
+    """``-m`` when it names a file (an input the outputs must not touch)."""
+    return (
+        spec if spec is not None and (str(spec).endswith(".safetensors") or "/" in spec) else None
+    )
+
+
+def _check_memory(image, model, axes: str | None, channel: int | None) -> None:
+    """Refuse, with the sizes, an in-memory prediction that cannot fit (before computing)."""
+    from .axes import resolve_layout
+    from .io import format_bytes, memory_budget
+
+    layout = resolve_layout(image.data, model.in_channels, axes, channel)
+    h, w = layout.spatial
+    pixels = float(layout.n_planes) * h * w
+    # probabilities (float32 per class) + labels (uint32) + segmentation work space
+    need = pixels * (4 * model.num_classes + 4 + 24)
+    budget = memory_budget()
+    if need > budget:
+        raise ValueError(
+            f"{image.describe()}; predicting it in memory needs about {format_bytes(need)} "
+            f"but about {format_bytes(budget)} is available — predict it into a zarr store "
+            "in bounded memory instead: -o OUT.zarr --dask local:N"
+        )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .io import check_writable, is_zarr, read_image, write_array
+    from .io import open_image
+    from .outputs import commit_all, plan_outputs, write_data, writing
     from .postprocess import default_class_names, segment
     from .predict import predict, select_device
 
     if args.dask:
         return _predict_dask(args)
-    for path in (args.output, args.probabilities):
-        if path is not None:
-            check_writable(path, args.overwrite)
+    # outputs first: format, never an input, never each other, writable — nothing computed yet
+    labels_to, probs_to = plan_outputs(
+        [
+            (args.output, ("tiff", "zarr"), "labels output"),
+            (args.probabilities, ("tiff", "zarr"), "probabilities output"),
+        ],
+        overwrite=args.overwrite,
+        inputs=[args.image, _model_path(args.model)],
+    )
+    image = open_image(args.image, series=args.series)
     model = _cli_model(args.model, args.untrained)
-    image = read_image(args.image)
+    axes = args.axes or image.axes
+    _check_memory(image, model, axes, args.channel)
     device, why = select_device(args.device)
     print(f"model {model.name} ({model.info.parameters:,} parameters) on {why}", file=sys.stderr)
     bar = _ProgressBar("predict")
-    out = args.probabilities if args.probabilities and is_zarr(args.probabilities) else None
-    try:
-        probs = predict(
-            model,
-            image,
-            axes=args.axes,
-            tile_size=args.tile,
-            batch_size=args.batch,
-            device=device,
-            exact=args.exact,
-            level=args.level,
-            channel=args.channel,
-            progress=bar,
-            out=out,
+    with writing([labels_to, probs_to]):
+        stream = probs_to is not None and probs_to.kind == "zarr"
+        try:
+            probs = predict(
+                model,
+                image.data,
+                axes=axes,
+                tile_size=args.tile,
+                batch_size=args.batch,
+                device=device,
+                exact=args.exact,
+                level=args.level,
+                channel=args.channel,
+                progress=bar,
+                out=probs_to.begin() if stream else None,
+            )
+        finally:
+            bar.close()
+        if probs_to is not None and not stream:
+            write_data(probs_to, probs)
+        names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
+        labels = segment(
+            np.asarray(probs), mode=args.mode, class_names=names, min_size=args.min_size
         )
-    finally:
-        bar.close()
-    if args.probabilities and out is None:
-        write_array(args.probabilities, probs, args.overwrite)
-    names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
-    labels = segment(probs, mode=args.mode, class_names=names, min_size=args.min_size)
-    write_array(args.output, labels, args.overwrite)
+        write_data(labels_to, labels)
+        commit_all([probs_to, labels_to])
     n = int(labels.max())
     print(
         f"wrote {args.output} ({args.mode} labels, {n} {'objects' if args.mode == 'instance' else 'classes'})",
@@ -141,28 +181,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _predict_dask(args: argparse.Namespace) -> int:
     """``predict --dask``: chunked prediction on a dask cluster into one zarr store."""
-    import shutil
-    from pathlib import Path
+    from .distributed import check_scheduler, predict_distributed
+    from .io import open_image
+    from .outputs import plan_output
 
-    from .distributed import predict_distributed
-    from .io import is_zarr, read_image
-
-    if not is_zarr(args.output):
-        raise ValueError("--dask writes a zarr store: give -o OUTPUT.zarr")
     if args.probabilities is not None:
         raise ValueError(
             "--dask writes the probabilities into the output store; drop --probabilities"
         )
-    if args.overwrite and Path(args.output).exists():
-        shutil.rmtree(args.output)
+    check_scheduler(args.dask)
+    plan_output(
+        args.output, ("zarr",), overwrite=args.overwrite, resume=not args.overwrite,
+        inputs=[args.image, _model_path(args.model)], what="output store",
+    )  # fmt: skip
+    image = open_image(args.image, series=args.series)
     bar = _ProgressBar("predict (chunks)")
     try:
         _, labels = predict_distributed(
             None if args.model is None else _cli_model(args.model, args.untrained),
-            read_image(args.image),
+            image.data,
             scheduler=args.dask,
             out=args.output,
-            axes=args.axes,
+            axes=args.axes or image.axes,
             channel=args.channel,
             tile_size=args.tile,
             batch_size=args.batch,
@@ -171,6 +211,7 @@ def _predict_dask(args: argparse.Namespace) -> int:
             mode=args.mode,
             min_size=args.min_size,
             progress=bar,
+            overwrite=args.overwrite,
         )
     finally:
         bar.close()
@@ -184,16 +225,25 @@ def _predict_dask(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .checkpoint import save_model
-    from .io import check_writable, read_image
+    from .io import format_bytes, memory_budget, open_image
     from .models import build_model
+    from .outputs import plan_output
     from .predict import select_device
     from .training import parse_roi, train
 
-    out = check_writable(args.output, args.overwrite)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: models are saved as .safetensors")
-    image = np.asarray(read_image(args.image))
-    labels = np.asarray(read_image(args.labels))
+    out = plan_output(
+        args.output, ("safetensors",), overwrite=args.overwrite, what="model output",
+        inputs=[args.image, args.labels, _model_path(args.init)],
+    ).path  # fmt: skip
+    opened = [open_image(args.image), open_image(args.labels)]
+    need = 8 * sum(im.nbytes // im.dtype.itemsize for im in opened)  # float32/int64 copies
+    if need > memory_budget():
+        raise ValueError(
+            f"{opened[0].describe()}; training reads it whole and needs about "
+            f"{format_bytes(need)} but about {format_bytes(memory_budget())} is available "
+            "— crop the annotated region first"
+        )
+    image, labels = (np.asarray(im.data) for im in opened)
     if args.model:
         model = build_model(args.model, 1 if image.ndim == 2 else image.shape[0], args.classes)
     else:
@@ -218,9 +268,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if event["kind"] == "step":
             bar.n = round(100 * event["fraction"])
             bar.set_postfix(loss=f"{event['loss']:.4f}", refresh=True)
-        else:
-            f1 = "-" if event["val_f1"] is None else f"{event['val_f1']:.3f}"
-            iou = "-" if event["val_iou"] is None else f"{event['val_iou']:.3f}"
+        elif event["kind"] == "epoch":
+            f1 = "-" if event.get("val_f1") is None else f"{event['val_f1']:.3f}"
+            iou = "-" if event.get("val_iou") is None else f"{event['val_iou']:.3f}"
             bar.write(
                 f"epoch {event['epoch']:3d}  loss {event['loss']:.4f}  val F1@0.5 {f1}  val IoU {iou}  {event['elapsed']:.0f} s",
                 file=sys.stderr,
@@ -259,10 +309,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="napari-unet", description="U-Net family segmentation (napari plugin and CLI)"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("models", help="print the table of model variants")
     p.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
@@ -291,7 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="tiles per batch")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--level", type=int, default=None, help="UNet++ pruning level 1..4")
-    p.add_argument("--axes", default=None, help="image axes, e.g. YX, CYX, YXC, ZYX, TZYX")
+    p.add_argument(
+        "--axes",
+        default=None,
+        help="image axes, e.g. YX, CYX, YXC, ZYX, TZYX (default: as recorded in the file, "
+        "else guessed)",
+    )
+    p.add_argument(
+        "--series", type=int, default=None, help="image series of a multi-image TIFF (0, 1, ...)"
+    )
     p.add_argument("--channel", type=int, default=None, help="channel for a one-channel model")
     p.add_argument("--exact", action="store_true", help="exact tiling (halo = receptive field)")
     p.add_argument("--mode", choices=("instance", "semantic"), default="instance")
@@ -378,17 +436,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``napari-unet: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"napari-unet: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (OS errors: 'cannot ...: reason')."""
+    from .outputs import describe_os_error
+
+    if isinstance(exc, MemoryError):
+        text = "out of memory" + (f" ({exc})" if str(exc) else "")
+    elif isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, FileExistsError)):
+        text = describe_os_error(exc) if exc.strerror else str(exc)
+    elif isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, FileExistsError)):
+        text = str(exc) or type(exc).__name__
+    else:  # a bug: still one line, with what is needed to report it
+        text = f"internal error {type(exc).__name__}: {exc} (NAPARI_UNET_DEBUG=1 shows where)"
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; every failure is exit code 2 and one line ``napari-unet: error: ...``
+    on stderr (no traceback; ``NAPARI_UNET_DEBUG=1`` re-raises)."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"napari-unet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("napari-unet: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("NAPARI_UNET_DEBUG"):
+            raise
+        print(f"napari-unet: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

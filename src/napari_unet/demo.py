@@ -214,7 +214,12 @@ def run_demo(
     """Run the demo (see the module docstring); returns what was done and written."""
     has_display = display_available()
     if headless or not has_display:
-        folder = Path(output or DEFAULT_OUTPUT)
+        from .outputs import fresh_folder
+
+        wanted = Path(output or DEFAULT_OUTPUT)  # an earlier run's files are never replaced
+        folder = fresh_folder(wanted, ("labels.tif", "probabilities.tif", "screenshot.png"))
+        if folder != wanted:
+            _say(f"{wanted} holds an earlier demo's results: writing to {folder}")
         if has_display:
             return run_viewer(folder, model, show=False)
         return run_engine_only(folder, model)

@@ -46,6 +46,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -100,23 +102,53 @@ def _parse_local(scheduler: str) -> int:
     return n
 
 
+_ADDRESS = re.compile(
+    r"^(?:(tcp|tls|inproc|ucx|ws|wss)://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$"
+)
+
+
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse a scheduler that is neither a ``Client``, ``local[:N]`` nor an address
+    ``[tcp://]host:port`` — before anything is started or connected."""
+    if not isinstance(scheduler, str):
+        from distributed import Client
+
+        if isinstance(scheduler, Client):
+            return
+        raise ValueError(
+            f"scheduler must be a distributed.Client, an address or 'local:N', got {scheduler!r}"
+        )
+    if scheduler == "local" or scheduler.startswith("local:"):
+        _parse_local(scheduler)
+        return
+    match = _ADDRESS.match(scheduler)
+    if match is None or not 0 < int(match.group(3)) < 65536:
+        raise ValueError(
+            f"bad scheduler {scheduler!r}: use local:N (N worker processes here) or a "
+            "scheduler address such as tcp://host:8786"
+        )
+
+
+CONNECT_TIMEOUT = float(os.environ.get("NAPARI_UNET_CONNECT_TIMEOUT", 20))
+"""Seconds to wait for a remote scheduler before giving up
+(environment variable ``NAPARI_UNET_CONNECT_TIMEOUT``)."""
+
+
 @contextmanager
 def connect(scheduler: Any) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``; closes what it opened.
 
     ``scheduler``: a ``Client`` (used as is), a scheduler address (``"tcp://host:8786"``)
     or ``"local:N"`` — a ``LocalCluster`` of N worker processes with one thread each
-    (closed afterwards). The client opened here does not become dask's default.
+    (closed afterwards). The client opened here does not become dask's default. An
+    unreachable address raises ``RuntimeError`` after ``CONNECT_TIMEOUT`` seconds.
     """
     from distributed import Client, LocalCluster
 
     if isinstance(scheduler, Client):
         yield scheduler
         return
-    if not isinstance(scheduler, str):
-        raise TypeError(
-            f"scheduler must be a distributed.Client, an address or 'local:N', got {scheduler!r}"
-        )
+    check_scheduler(scheduler)
     if scheduler == "local" or scheduler.startswith("local:"):
         n = _parse_local(scheduler)
         cluster = LocalCluster(
@@ -129,11 +161,101 @@ def connect(scheduler: Any) -> Iterator[Any]:
             client.close()
             cluster.close()
         return
-    client = Client(scheduler, set_as_default=False)
+    try:
+        client = Client(scheduler, set_as_default=False, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RuntimeError(
+            f"cannot reach the dask scheduler at {scheduler} within {CONNECT_TIMEOUT:g} s "
+            f"({reason[:200]}); is `dask scheduler` running there?"
+        ) from None
     try:
         yield client
     finally:
         client.close()
+
+
+# -------------------------------------------------------------------------- the lock
+LOCK_STALE = 120.0
+"""Seconds without a heartbeat after which another host's lock is considered abandoned."""
+
+
+def _lock_path(out: str) -> Path | None:
+    if "://" in out:
+        return None  # object stores: no lock (one run per store is the user's job)
+    path = Path(out)
+    return path.with_name(f".{path.name}.napari-unet.lock")
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    """The live holder of ``lock``, or None when the lock is free or abandoned."""
+    import socket
+
+    try:
+        info = json.loads(lock.read_text())
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    if info.get("host") == socket.gethostname():
+        try:
+            os.kill(int(info.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return None
+        except (PermissionError, ValueError, OverflowError):
+            pass
+        return info
+    return info if age < LOCK_STALE else None
+
+
+@contextmanager
+def store_lock(out: str) -> Iterator[None]:
+    """One run writes a store at a time: a second run on the same output is refused at
+    its start (the first is untouched). The lock is a small file beside the store,
+    refreshed while the run lives and removed at its end; the lock of a dead process
+    (or silent for ``LOCK_STALE`` s, on another host) is taken over."""
+    import socket
+    import threading
+
+    lock = _lock_path(out)
+    if lock is None:
+        yield
+        return
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                since = time.strftime("%H:%M:%S", time.localtime(holder.get("started", 0)))
+                raise RuntimeError(
+                    f"{out} is being written by another run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {since}); wait for it to finish, or choose "
+                    "another output"
+                ) from None
+            lock.unlink(missing_ok=True)  # abandoned
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+        break
+    else:  # pragma: no cover - another process keeps re-creating it
+        raise RuntimeError(f"cannot take the lock {lock}")
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(10.0):
+            try:
+                os.utime(lock)
+            except OSError:  # pragma: no cover
+                pass
+
+    thread = threading.Thread(target=beat, name="napari-unet-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        lock.unlink(missing_ok=True)
 
 
 class _ModelPlugin(_PluginBase):
@@ -421,7 +543,7 @@ def chunk_probabilities(
     """
     import dask
 
-    from .normalize import apply_normalization
+    from .normalize import normalize_block
     from .predict import _amp_dtype, tile_plan_for
     from .tiling import RunOptions, device_lock, read_window, reflect_index, run_plane
 
@@ -446,10 +568,7 @@ def chunk_probabilities(
 
     def read(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         block = read_window(data, reflect_index(rows + r0, h), reflect_index(cols + c0, w))
-        block = apply_normalization(layout.convert(block), stats)
-        if not np.isfinite(block).all():
-            raise ValueError("image contains NaN or infinite values; clean it before predicting")
-        return block
+        return normalize_block(layout.convert(block), stats)
 
     sink = np.zeros((spec.num_classes, *shape), np.float32)
     with dask.config.set(scheduler="synchronous"), device_lock():
@@ -817,6 +936,7 @@ def predict_distributed(
     retries: int = 1,
     progress: Callable[[int, int], None] | None = None,
     cancel: Any = None,
+    overwrite: bool = False,
 ) -> tuple[Any, Any]:
     """Predict ``image`` on a dask cluster into the zarr group ``out``.
 
@@ -846,14 +966,73 @@ def predict_distributed(
     total)`` is called after each finished chunk task; ``cancel`` (an Event or a
     callable) stops the run with :class:`~napari_unet.tiling.Cancelled` and keeps the
     store, so the same call resumes it.
+
+    Safety: ``out`` is checked first (never the input, nor inside or around it; a zarr
+    folder when it exists) and locked for this run (:func:`store_lock`: a second run on
+    the same store is refused at its start). ``overwrite=True`` deletes an existing store
+    — only once the model, the input and the cluster are ready. A store created by a
+    run that fails before any chunk is done is removed. A bad ``scheduler`` is refused
+    at once; an unreachable one after ``CONNECT_TIMEOUT`` seconds.
     """
-    from .axes import resolve_layout
-    from .normalize import get_normalization, normalization_stats, sample_plane
 
     if out is None:
         raise ValueError("distributed prediction writes a zarr store: pass out='result.zarr'")
     if mode not in ("instance", "semantic"):
         raise ValueError(f"mode must be 'instance' or 'semantic', got {mode!r}")
+    check_scheduler(scheduler)
+    out = os.fspath(out)
+    local = "://" not in out
+    if local:  # never the input, never inside it; the kind and the folder are checked
+        from .outputs import plan_output
+
+        plan_output(
+            out, ("zarr",), overwrite=overwrite, resume=not overwrite,
+            inputs=[image, model if isinstance(model, (str, os.PathLike)) else None],
+            what="output store",
+        )  # fmt: skip
+    with store_lock(out):
+        return _predict_locked(
+            model, image, scheduler=scheduler, out=out, axes=axes, channel=channel,
+            tile_size=tile_size, batch_size=batch_size, device=device, amp=amp, exact=exact,
+            halo=halo, level=level, chunk_size=chunk_size, margin=margin, mode=mode,
+            class_names=class_names, threshold=threshold, min_size=min_size, seed_h=seed_h,
+            torch_threads=torch_threads, retries=retries, progress=progress, cancel=cancel,
+            overwrite=overwrite, local=local,
+        )  # fmt: skip
+
+
+def _predict_locked(
+    model: Any,
+    image: Any,
+    *,
+    scheduler: Any,
+    out: str,
+    axes: str | None,
+    channel: int | None,
+    tile_size: int | None,
+    batch_size: int | None,
+    device: Any,
+    amp: bool | None,
+    exact: bool,
+    halo: int | None,
+    level: int | None,
+    chunk_size: int,
+    margin: int,
+    mode: str,
+    class_names: list[str] | None,
+    threshold: float,
+    min_size: int,
+    seed_h: float,
+    torch_threads: int | None,
+    retries: int,
+    progress: Callable[[int, int], None] | None,
+    cancel: Any,
+    overwrite: bool,
+    local: bool,
+) -> tuple[Any, Any]:
+    from .axes import resolve_layout
+    from .normalize import get_normalization, normalization_stats, sample_plane
+
     obj, data = _model_bytes(model)
     if level is not None and not hasattr(obj, "level_parameters"):
         raise ValueError(f"level= prunes UNet++ only; {obj.name} has no levels")
@@ -906,37 +1085,59 @@ def predict_distributed(
         "normalization": hashlib.sha256(stats.tobytes()).hexdigest()[:16],
     }
     fingerprint = json.loads(json.dumps(fingerprint))
-    group = _open_store(spec, fingerprint)
-    work = group[WORK]
-    counts = np.asarray(work["counts"][:])
-    labelled = np.asarray(work["labelled"][:])
-    if (counts > 0).all() and (labelled > 0).all():
-        return _result(spec)
+    existed = os.path.lexists(out) if local else True
+    if existed and not overwrite:  # resume: refuse a store of another run before starting
+        group = _open_store(spec, fingerprint)
+        work = group[WORK]
+        counts = np.asarray(work["counts"][:])
+        labelled = np.asarray(work["labelled"][:])
+        if (counts > 0).all() and (labelled > 0).all():
+            return _result(spec)
 
     with connect(scheduler) as client:
-        per_host: dict[str, int] = {}
-        for addr in client.scheduler_info()["workers"]:
-            per_host[_host(addr)] = per_host.get(_host(addr), 0) + 1
-        _register(client, _ModelPlugin(key, data, device, torch_threads, per_host))
-        source = (
-            client.scatter(image, broadcast=True)
-            if isinstance(image, np.ndarray)
-            else _Source(image)
-        )
-        spec = dataclasses.replace(spec, run=uuid.uuid4().hex[:12])
-        group.attrs[RUN_ATTR] = spec.run  # from now on only this run's tasks write
-        run = _Run(client, spec, source, stats, progress, cancel, retries)
+        created = not existed or overwrite
+        if local and overwrite and existed:  # only now: inputs, model and cluster are fine
+            shutil.rmtree(out)
+        if created:
+            group = _open_store(spec, fingerprint)
+            work = group[WORK]
+            counts = np.asarray(work["counts"][:])
+            labelled = np.asarray(work["labelled"][:])
         try:
-            if mode == "semantic":
-                run.total = int((counts == 0).sum())
-                run.chunks(np.flatnonzero(counts == 0))
-            else:
-                run.instance(group, counts, labelled)
-        finally:
-            group.attrs[RUN_ATTR] = ""  # tasks still running (cancel, error) must not write
-            if not isinstance(source, _Source):
-                source.release()
+            _run_on(client, group, spec, image, key, data, device, torch_threads, stats,
+                    progress, cancel, retries, counts, labelled)  # fmt: skip
+        except BaseException:
+            if created and local and not (np.asarray(group[WORK]["counts"][:]) > 0).any():
+                shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave nothing
+            raise
     return _result(spec)
+
+
+def _run_on(
+    client, group, spec, image, key, data, device, torch_threads, stats, progress, cancel,
+    retries, counts, labelled,
+) -> None:  # fmt: skip
+    """Register the model on the workers and run the chunk, match and relabel tasks."""
+    per_host: dict[str, int] = {}
+    for addr in client.scheduler_info()["workers"]:
+        per_host[_host(addr)] = per_host.get(_host(addr), 0) + 1
+    _register(client, _ModelPlugin(key, data, device, torch_threads, per_host))
+    source = (
+        client.scatter(image, broadcast=True) if isinstance(image, np.ndarray) else _Source(image)
+    )
+    spec = dataclasses.replace(spec, run=uuid.uuid4().hex[:12])
+    group.attrs[RUN_ATTR] = spec.run  # from now on only this run's tasks write
+    run = _Run(client, spec, source, stats, progress, cancel, retries)
+    try:
+        if spec.mode == "semantic":
+            run.total = int((counts == 0).sum())
+            run.chunks(np.flatnonzero(counts == 0))
+        else:
+            run.instance(group, counts, labelled)
+    finally:
+        group.attrs[RUN_ATTR] = ""  # tasks still running (cancel, error) must not write
+        if not isinstance(source, _Source):
+            source.release()
 
 
 def _result(spec: _Spec) -> tuple[Any, Any]:

@@ -36,11 +36,37 @@ def normalization_stats(sample: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"unknown normalisation method {method!r}")
     if not np.all(np.isfinite(sample)):
         raise ValueError("image contains NaN or infinite values; clean it before predicting")
+    low, high = _percentiles(norm)
     stats = np.zeros((n_channels, 2))
     for c in range(n_channels):
-        lo, hi = np.percentile(sample[c], [norm.get("low", 1.0), norm.get("high", 99.8)])
-        stats[c] = (lo, 1.0 / (hi - lo) if hi > lo else 1.0)
+        lo, hi = np.percentile(sample[c], [low, high])
+        span = hi - lo
+        stats[c] = (lo, 1.0 / span if hi > lo and np.isfinite(span) and span > 0 else 1.0)
     return stats
+
+
+def _percentiles(norm: dict[str, Any]) -> tuple[float, float]:
+    low, high = norm.get("low", 1.0), norm.get("high", 99.8)
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not ok or not 0 <= low < high <= 100:
+        raise ValueError(
+            f"invalid percentile normalisation low={low!r}, high={high!r}: need numbers "
+            "with 0 ≤ low < high ≤ 100"
+        )
+    return float(low), float(high)
+
+
+def check_normalization(norm: Any) -> dict[str, Any]:
+    """Validate a normalisation dict (e.g. from a checkpoint); returns a copy."""
+    if not isinstance(norm, dict):
+        raise ValueError(f"normalisation must be a dict, got {type(norm).__name__}")
+    method = norm.get("method", "percentile")
+    if method == "none":
+        return dict(norm)
+    if method != "percentile":
+        raise ValueError(f"unknown normalisation method {method!r} (use 'percentile' or 'none')")
+    _percentiles(norm)
+    return dict(norm)
 
 
 def sample_plane(plane: Any) -> np.ndarray:
@@ -54,9 +80,32 @@ def sample_plane(plane: Any) -> np.ndarray:
 
 
 def apply_normalization(tile: np.ndarray, stats: np.ndarray) -> np.ndarray:
-    """Normalise ``tile`` (C, ...) with per-channel ``stats`` (C, 2) → float32."""
-    tile = np.asarray(tile, dtype=np.float32)
+    """Normalise ``tile`` (C, ...) with per-channel ``stats`` (C, 2) → float32.
+
+    Computed in float32, or in float64 for 64-bit images (whose values may lie beyond
+    float32's range and still normalise to ordinary numbers)."""
+    tile = np.asarray(tile)
+    work = np.float64 if tile.dtype.itemsize > 4 and tile.dtype.kind in "iuf" else np.float32
+    tile = tile.astype(work, copy=False)
     shape = (-1,) + (1,) * (tile.ndim - 1)
-    lo = stats[:, 0].astype(np.float32).reshape(shape)
-    scale = stats[:, 1].astype(np.float32).reshape(shape)
-    return (tile - lo) * scale
+    lo = stats[:, 0].astype(work).reshape(shape)
+    scale = stats[:, 1].astype(work).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ((tile - lo) * scale).astype(np.float32, copy=False)
+
+
+def normalize_block(block: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """:func:`apply_normalization` of a network input block, refusing non-finite results
+    with the right reason (NaN/inf in the image, or finite values beyond float32)."""
+    out = apply_normalization(block, stats)
+    if not np.isfinite(out).all():
+        raw = np.asarray(block)
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise ValueError("image contains NaN or infinite values; clean it before predicting")
+        peak = float(np.max(np.abs(raw.astype(np.float64))))
+        raise ValueError(
+            f"image values (up to {peak:.3g}) are beyond the float32 range after "
+            "normalisation (outliers far outside the intensity percentiles); rescale or "
+            "clip the image first"
+        )
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +12,8 @@ import torch
 
 from .axes import Layout, resolve_layout
 from .models.base import SegmentationModel, round_up
-from .normalize import apply_normalization, get_normalization, normalization_stats, sample_plane
+from .normalize import get_normalization, normalization_stats, normalize_block, sample_plane
+from .outputs import Target, commit_all, plan_output
 from .tiling import (
     Cancelled,
     RunOptions,
@@ -135,19 +135,22 @@ class _PlaneSink:
         self.array[(c, *self.index, rows, cols)] = value
 
 
-def _allocate(out: Any, shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[Any, Path | None]:
-    """numpy array, or a new zarr array at ``out`` (never overwrites an existing path)."""
+def _allocate(
+    out: Any, shape: tuple[int, ...], chunks: tuple[int, ...], image: Any, kind: str | None = None
+) -> tuple[Any, Target | None]:
+    """numpy array, a given array, or a new zarr store at ``out`` — checked by the
+    write-safety module (never an existing path, never the input) and written under a
+    partial name until :meth:`Target.commit`."""
     if out is None:
         return np.zeros(shape, dtype=np.float32), None
     if isinstance(out, (str, Path)):
         import zarr
 
-        path = Path(out)
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; choose a new output path")
-        return zarr.open_array(
-            str(path), mode="w-", shape=shape, chunks=chunks, dtype="float32"
-        ), path
+        target = plan_output(out, ("zarr",), inputs=[image], what="out", kind=kind)
+        arr = zarr.open_array(
+            str(target.begin()), mode="w-", shape=shape, chunks=chunks, dtype="float32"
+        )
+        return arr, target
     if tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
     return out, None
@@ -210,18 +213,18 @@ def predict(
     out_shape = (model.num_classes, *layout.leading, h, w)
     chunks = (model.num_classes,) + (1,) * len(layout.leading) + (min(h, 1024), min(w, 1024))
     arrays = []
-    created: list[Path] = []
+    created: list[Target] = []
     try:
         for k in range(1 + n_heads):
-            target = (
+            dest = (
                 out
                 if k == 0
                 else (None if out is None or not isinstance(out, (str, Path)) else f"{out}.head{k}")
             )
-            arr, path = _allocate(target, out_shape, chunks)
+            arr, target = _allocate(dest, out_shape, chunks, image, None if k == 0 else "zarr")
             arrays.append(arr)
-            if path is not None:
-                created.append(path)
+            if target is not None:
+                created.append(target)
         tile = tile_size or DEFAULT_TILE[dev.type]
         batch = batch_size or DEFAULT_BATCH[dev.type]
         while True:
@@ -256,9 +259,14 @@ def predict(
                     dev = torch.device("cpu")
                     msg = "CUDA out of memory at the smallest tile: falling back to the CPU"
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if created:
+            import zarr
+
+            commit_all(created)
+            arrays = [zarr.open_array(str(t.path), mode="r+") for t in created]
     except BaseException:
-        for path in created:
-            shutil.rmtree(path, ignore_errors=True)
+        for target in created:
+            target.abort()
         raise
     if outputs == "all":
         return arrays[0], arrays[1:]
@@ -315,12 +323,7 @@ def _predict_into(
                     rows: np.ndarray, cols: np.ndarray, plane=plane, stats=stats
                 ) -> np.ndarray:
                     block = read_window(plane, reflect_index(rows, h), reflect_index(cols, w))
-                    block = apply_normalization(layout.convert(block), stats)
-                    if not np.isfinite(block).all():
-                        raise ValueError(
-                            "image contains NaN or infinite values; clean it before predicting"
-                        )
-                    return block
+                    return normalize_block(layout.convert(block), stats)
 
                 index = np.unravel_index(p, layout.leading) if layout.leading else ()
                 sinks = [_PlaneSink(a, tuple(int(i) for i in index)) for a in arrays]
