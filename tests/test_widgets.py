@@ -78,6 +78,7 @@ def test_manifest_contributions():
 
     mf = PluginManifest.from_distribution(PLUGIN)
     assert [w.display_name for w in mf.contributions.widgets] == [
+        "All tools (one panel)",
         "Model",
         "Predict",
         "Inspect",
@@ -131,7 +132,7 @@ def test_predict_labels_and_probabilities(viewer, qtbot):
     image.scale = (0.5, 2.0)
     image.translate = (10.0, -4.0)
     # a user layer that happens to have the output's name is never touched
-    viewer.add_labels(np.zeros((4, 4), np.uint32), name="nuclei [unet labels]")
+    viewer.add_labels(np.zeros((4, 4), np.uint32), name="nuclei [unet #1]")
     w = dock(viewer, "Predict")
     w.image.set_layer(image)
     w.probabilities.setChecked(True)
@@ -141,33 +142,46 @@ def test_predict_labels_and_probabilities(viewer, qtbot):
     after = snapshot(viewer)
     assert user_layers_unchanged(before, after)
     labels, probs = w.last_layers["labels"], w.last_layers["probabilities"]
-    assert labels.name == "nuclei [unet labels] (2)"
+    assert labels.name == "nuclei [unet #1] (2)"
+    assert probs.name == "nuclei [unet #1 probabilities]"
     assert labels.data.dtype == np.uint32 and labels.data.shape == (256, 512)
     assert probs.data.shape == (3, 256, 512) and probs.data.dtype == np.float32
     assert 0.0 <= probs.data.min() and probs.data.max() <= 1.0
     np.testing.assert_allclose(probs.data.sum(0), 1.0, atol=1e-4)
     assert tuple(labels.scale) == (0.5, 2.0) and tuple(labels.translate) == (10.0, -4.0)
     assert tuple(probs.scale)[1:] == (0.5, 2.0) and tuple(probs.translate)[1:] == (10.0, -4.0)
-
-    # re-running replaces the plugin's own layers, nothing else
-    n = len(viewer.layers)
-    wait_job(qtbot, w.run())
-    assert len(viewer.layers) == n
-    assert w.last_layers["labels"] is labels and w.last_layers["probabilities"] is probs
-    assert user_layers_unchanged(before, snapshot(viewer))
+    assert probs.axis_labels[0] == "class"  # the class slider is named
+    assert labels.visible and viewer.layers.selection.active is labels
 
 
-def test_edited_output_becomes_a_user_layer(viewer, qtbot):
+def test_two_predictions_give_two_layers_first_unchanged(viewer, qtbot):
+    """Item 2: results are added, never replaced; replacing is an explicit option."""
+    state = get_state(viewer)
     w = dock(viewer, "Predict")
     w.image.set_layer(viewer.layers["nuclei"])
+    w.probabilities.setChecked(True)
     wait_job(qtbot, w.run())
-    first = w.last_layers["labels"]
-    first.paint((100, 100), 7)  # the user corrects the prediction
-    before = snapshot(viewer)
+    first = dict(w.last_layers)
+    first_bytes = {k: layer.data.tobytes() for k, layer in first.items()}
+    first["labels"].visible = False  # a hidden result stays hidden and unchanged
+    # another model, then the same model again: each run its own layers
+    state.set_model(tiny("unetpp"), "tiny UNet++")
     wait_job(qtbot, w.run())
-    assert w.last_layers["labels"] is not first
-    assert w.last_layers["labels"].name == "nuclei [unet labels] (2)"
-    assert user_layers_unchanged(before, snapshot(viewer))
+    second = dict(w.last_layers)
+    assert second["labels"] is not first["labels"]
+    assert second["labels"].name == "nuclei [unetpp #2]"
+    assert second["labels"].visible and viewer.layers.selection.active is second["labels"]
+    for k, layer in first.items():
+        assert layer in viewer.layers and layer.data.tobytes() == first_bytes[k]
+    assert not first["labels"].visible
+    # explicit replace: the last run's layers get the new data, nothing is added
+    n = len(viewer.layers)
+    w.replace.setChecked(True)
+    wait_job(qtbot, w.run())
+    assert len(viewer.layers) == n and w.last_layers["labels"] is second["labels"]
+    assert w.last_layers["labels"].name == "nuclei [unetpp #3]"
+    for k, layer in first.items():
+        assert layer.data.tobytes() == first_bytes[k]
 
 
 def test_predict_lands_on_the_layer_it_started_on(viewer, qtbot):
@@ -178,7 +192,7 @@ def test_predict_lands_on_the_layer_it_started_on(viewer, qtbot):
     w.image.set_layer(other)  # the user switches while the worker runs
     viewer.layers.selection.active = other
     wait_job(qtbot, job)
-    assert w.last_layers["labels"].name == "nuclei [unet labels]"
+    assert w.last_layers["labels"].name == "nuclei [unet #1]"
     assert w.last_layers["labels"].data.shape == (256, 512)
 
 
@@ -188,6 +202,9 @@ def test_predict_stack_current_slice_and_field_of_view(viewer, qtbot):
     viewer.dims.set_current_step(0, 1)
     w = dock(viewer, "Predict")
     w.image.set_layer(layer)
+    # three entries on the first axis could be channels: the picker asks, the user says planes
+    assert w.channels.isVisibleTo(w) and w.channels.channels() is True
+    w.channels.axis.setCurrentIndex(0)
     assert w.current_slice.isEnabled()
     w.current_slice.setChecked(True)
     wait_job(qtbot, w.run())
@@ -205,6 +222,34 @@ def test_predict_stack_current_slice_and_field_of_view(viewer, qtbot):
     out = w.last_layers["labels"]
     assert out.data.shape[0] == 3 and out.data.shape[1] < 256 and out.data.shape[2] < 256
     assert out.translate[1] > 0 and out.translate[2] > 0
+
+
+def test_channel_picker_two_channel_image(viewer, qtbot):
+    """Item 8: a (2, Y, X) image is two channels (not two Z-planes); the model reads one."""
+    nuclei = viewer.layers["nuclei"].data.astype(np.float32)
+    two = np.stack([np.zeros_like(nuclei), nuclei])
+    layer = viewer.add_image(two, name="two channels")
+    w = dock(viewer, "Predict")
+    w.image.set_layer(layer)
+    assert w.channels.channels() is True
+    assert [w.channels.channel.itemText(i) for i in range(w.channels.channel.count())] == [
+        "channel 1",
+        "channel 2",
+    ]
+    w.channels.channel.setCurrentIndex(1)
+    wait_job(qtbot, w.run())
+    out = w.last_layers["labels"]
+    assert out.data.shape == (256, 512)  # one plane, not two
+    from napari_unet.postprocess import segment
+    from napari_unet.predict import predict
+
+    model = get_state(viewer).model
+    expected = segment(predict(model, nuclei, device="cpu"))
+    np.testing.assert_array_equal(out.data, expected)
+    # planes, if the user says so
+    w.channels.axis.setCurrentIndex(0)
+    wait_job(qtbot, w.run())
+    assert w.last_layers["labels"].data.shape == (2, 256, 512)
 
 
 def test_predict_cancel_changes_nothing(viewer, qtbot):
@@ -238,7 +283,7 @@ def test_segment_menu_command(viewer, qtbot):
     job = app.commands.execute_command("napari-unet.segment").result()
     wait_job(qtbot, job)
     assert user_layers_unchanged(before, snapshot(viewer))
-    out = viewer.layers["nuclei [unet labels]"]
+    out = viewer.layers["nuclei [unet #1]"]
     assert out.data.dtype == np.uint32 and out.data.shape == (256, 512)
 
 
@@ -301,21 +346,23 @@ def test_train_lowers_loss_and_predict_uses_it(viewer, qtbot):
     w = dock(viewer, "Train")
     w.image.set_layer(viewer.layers["nuclei"])
     w.labels.set_layer(viewer.layers["nuclei labels"])
-    w.budget_kind.setCurrentText("seconds")
-    w.budget.setValue(3)
+    assert w.budget_kind.currentText() == "steps"  # the default budget: load-independent
+    w.budget.setValue(16)
     w.patch.setValue(64)
     w.predict_after.setChecked(False)
     before = snapshot(viewer)
     wait_job(qtbot, w.run())
     assert user_layers_unchanged(before, snapshot(viewer))
     history = w.history
-    assert history is not None and not history.cancelled and len(history.losses) >= 8
+    assert history is not None and not history.cancelled and len(history.losses) == 16
     first, last = _average(history.losses)
     assert last < first, history.losses
     assert w.plot.losses == history.losses  # every step reached the plot
-    # the trained model is current; the original was never modified
+    # the trained model joins the list and is current; the original was never modified
     assert state.model is w.trained_model and state.model is not original
     assert "trained here" in state.source and not state.untrained
+    assert state.entry_of(original) is not None  # still selectable
+    assert state.current.label == "unet (trained 1)" and state.current.summary["images"] == 1
     for k, v in original.state_dict().items():
         assert torch.equal(v, original_state[k])
     # Predict uses the new weights
@@ -346,8 +393,9 @@ def test_train_with_region_and_prediction(viewer, qtbot):
     assert w.last_roi == (20, 180, 30, 200)
     assert len(w.history.epochs) == 1
     assert user_layers_unchanged(before, snapshot(viewer))
-    out = viewer.layers["nuclei [unet labels]"]
+    out = viewer.layers["nuclei [unet (trained 1) #1]"]
     assert out.data.dtype == np.uint32 and out.data.shape == (256, 512)
+    assert w.last_layers["labels"] is out
 
 
 def test_rectangle_roi_in_image_pixels(viewer):

@@ -2,7 +2,7 @@
 
 * With a display: opens napari with the sample image + labels, the default model
   (the bundled one, or a clearly labelled UNTRAINED fallback when it is missing), the
-  Model / Predict / Inspect / Train widgets docked, and runs a prediction.
+  napari-unet panel (Model / Predict / Train / Inspect tabs) docked, and runs a prediction.
 * ``--headless``, or no display (``QT_QPA_PLATFORM=offscreen`` / no ``DISPLAY``): the same
   pipeline without a window — a hidden napari viewer when a display (or Xvfb) exists,
   the engine alone otherwise — writing ``labels.tif``, ``probabilities.tif`` and, with a
@@ -145,12 +145,9 @@ def open_viewer(model: Any = None, *, show: bool = True) -> tuple[Any, dict[str,
     viewer.open_sample("napari-unet", "nuclei")
     model, source, untrained = resolve_demo_model(model)
     get_state(viewer).set_model(model, source, untrained=untrained)
-    widgets, docks = {}, {}
-    for name in ("Model", "Predict", "Train", "Inspect"):
-        docks[name], widgets[name] = viewer.window.add_plugin_dock_widget(
-            "napari-unet", name, tabify=name != "Model"
-        )
-    docks["Predict"].raise_()
+    _, panel = viewer.window.add_plugin_dock_widget("napari-unet", "All tools (one panel)")
+    widgets = dict(panel.widgets)
+    panel.show_tab("Predict")
     qt_window = getattr(viewer.window, "_qt_window", None)
     if qt_window is not None:
         qt_window.resize(1500, 950)
@@ -192,7 +189,7 @@ def run_viewer(output: Path | None, model: Any = None, *, show: bool = True) -> 
         finish()
         viewer.close()
         return result
-    job.worker.finished.connect(finish)
+    job.when_finished(finish)
     import napari
 
     napari.run()

@@ -45,7 +45,15 @@ def segment_image_layer(viewer: napari.viewer.Viewer) -> Job | None:
             state.set_model(loaded[0], loaded[1], untrained=loaded[2])
         if layer not in viewer.layers:
             return
-        write_results(viewer, request, m, result, "instance")
+        entry = state.entry_of(m)
+        write_results(
+            viewer,
+            request,
+            m,
+            result,
+            "instance",
+            label=entry.label if entry is not None else m.name,
+        )
         warn = " (untrained model!)" if state.untrained and state.model is m else ""
         show_info(
             f"napari-unet: {result['n_labels']} objects in {layer.name!r} with {m.name}{warn}"
@@ -55,4 +63,4 @@ def segment_image_layer(viewer: napari.viewer.Viewer) -> Job | None:
         show_warning(f"napari-unet: segmentation failed: {error_text(exc)}")
 
     show_info(f"napari-unet: segmenting {layer.name!r}…")
-    return start_job(work, on_done=done, on_error=failed)
+    return start_job(work, viewer=viewer, on_done=done, on_error=failed, name="segment")

@@ -7,10 +7,56 @@ from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QLabel, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 OUTPUT_KEY = "napari_unet_output"
 """``layer.metadata[OUTPUT_KEY] = (source layer unique id, kind)`` marks the plugin's layers."""
+
+
+class Panel(QWidget):
+    """A tool widget whose content scrolls, so any number of them fit a small window.
+
+    Subclasses put their content into ``self.body`` (a :class:`QVBoxLayout` is
+    ``self.body_layout``). ``on_closed()`` runs when napari closes the dock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.body = QWidget()
+        self.body_layout = QVBoxLayout(self.body)
+        self.scroll.setWidget(self.body)
+        outer.addWidget(self.scroll)
+
+    def on_closed(self) -> None:
+        """The dock was closed (its jobs are already dropped)."""
+
+
+def tip(widget: QWidget, text: str) -> QWidget:
+    """Set a tooltip (plain words for an ML term) and return the widget."""
+    widget.setToolTip(text)
+    return widget
+
+
+def term(text: str, tooltip: str) -> QLabel:
+    """A form row label with a tooltip that explains the term."""
+    label = QLabel(text)
+    label.setToolTip(tooltip)
+    return label
 
 
 def alive(widget: QWidget) -> bool:
@@ -108,8 +154,8 @@ def output_key(source: Any, kind: str) -> tuple[str, str]:
 
 
 def find_output(viewer: Any, key: tuple[str, str]) -> Any:
-    """The plugin's own layer for ``key`` (never a user layer), or None."""
-    for layer in viewer.layers:
+    """The plugin's newest layer for ``key`` (never a user layer), or None."""
+    for layer in reversed(list(viewer.layers)):
         if tuple(layer.metadata.get(OUTPUT_KEY, ())) == tuple(key):
             return layer
     return None
@@ -135,16 +181,20 @@ def write_output(
     scale: Sequence[float],
     translate: Sequence[float],
     metadata: dict[str, Any] | None = None,
+    replace: bool = True,
+    select: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """Add a new output layer, or replace the data of the plugin's own layer for ``key``.
+    """Add a new output layer, or (``replace``) the data of the plugin's own layer for ``key``.
 
-    A user layer is never touched: if one has ``name``, the new layer gets a unique name.
-    An own layer of another type/shape is removed and the new one takes its place. Once
+    Results of predictions are added (``replace=False``): each run its own layer, earlier
+    ones untouched; the weight map / side outputs of Inspect are refreshed in place. A user
+    layer is never touched: if one has ``name``, the new layer gets a unique name. Once
     the user paints on an output labels layer it becomes theirs (see :func:`_adopt`).
+    ``select``: make the layer visible and the only selected one.
     """
     meta = {OUTPUT_KEY: tuple(key), **(metadata or {})}
-    old = find_output(viewer, key)
+    old = find_output(viewer, key) if replace else None
     if (
         old is not None
         and type(old).__name__.lower() == layer_type
@@ -159,27 +209,54 @@ def write_output(
             old.contrast_limits = kwargs["contrast_limits"]
         if old.name != name:
             old.name = unique_name(viewer, name, ignore=old)
-        return old
-    from napari.layers import Image, Labels
-
-    cls = {"labels": Labels, "image": Image}[layer_type]
-    layer = cls(
-        data,
-        name=unique_name(viewer, name, ignore=old),
-        scale=tuple(scale),
-        translate=tuple(translate),
-        metadata=meta,
-        **kwargs,
-    )
-    if layer_type == "labels":
-        layer.events.paint.connect(_adopt)
-    if old is not None:
-        index = viewer.layers.index(old)
-        viewer.layers.remove(old)
-        viewer.layers.insert(index, layer)
+        layer = old
     else:
-        viewer.layers.append(layer)
+        from napari.layers import Image, Labels
+
+        cls = {"labels": Labels, "image": Image}[layer_type]
+        layer = cls(
+            data,
+            name=unique_name(viewer, name, ignore=old),
+            scale=tuple(scale),
+            translate=tuple(translate),
+            metadata=meta,
+            **kwargs,
+        )
+        if layer_type == "labels":
+            layer.events.paint.connect(_adopt)
+        if old is not None:
+            index = viewer.layers.index(old)
+            viewer.layers.remove(old)
+            viewer.layers.insert(index, layer)
+        else:
+            viewer.layers.append(layer)
+    if select:
+        layer.visible = True
+        viewer.layers.selection.active = layer
     return layer
+
+
+def copy_as_annotation(viewer: Any, layer: Any) -> Any:
+    """A new, editable Labels layer with a copy of ``layer``'s labels (a prediction).
+
+    The copy is the user's (not one of the plugin's outputs): correct it and train on it.
+    The prediction itself stays as it was.
+    """
+    from napari.layers import Labels
+
+    data = np.array(layer.data, dtype=np.uint32, copy=True)
+    base = layer.name.split(" [")[0] if " [" in layer.name else layer.name
+    new = Labels(
+        data,
+        name=unique_name(viewer, f"{base} annotation"),
+        scale=tuple(layer.scale),
+        translate=tuple(layer.translate),
+        metadata={"napari_unet_annotation_from": layer.name},
+    )
+    viewer.layers.append(new)
+    viewer.layers.selection.active = new
+    new.mode = "paint"
+    return new
 
 
 def _adopt(event: Any) -> None:
@@ -223,3 +300,83 @@ class RunControls:
         self.progress.setValue(int(round(100 * max(0.0, min(1.0, value)))))
         if text is not None:
             self.progress.setFormat(text)
+
+
+class ChannelPicker(QWidget):
+    """Which axis of an image layer holds channels, and which channel a model reads.
+
+    Shown only for layers where it matters: a non-RGB image with an axis before Y, X
+    ("Z planes / time" or "channels", guessed from axis labels and size) and images
+    whose channel count differs from what the model reads (pick one; RGB: luminance).
+    """
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        from qtpy.QtWidgets import QHBoxLayout
+
+        super().__init__(parent)
+        self.axis = QComboBox()
+        self.axis.addItems(["Z planes / time points", "channels"])
+        self.axis.setToolTip(
+            "What the first axis of this image is: separate planes (each is segmented) "
+            "or colour channels of one image"
+        )
+        self.channel = QComboBox()
+        self.channel.setToolTip("The channel the model reads (the model takes fewer channels)")
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.axis)
+        row.addWidget(self.channel)
+        self._layer: Any = None
+        self._in_channels = 1
+        self.axis.currentIndexChanged.connect(self._fill_channels)
+        self.setVisible(False)
+
+    def update_for(self, layer: Any, in_channels: int) -> None:
+        from ._geometry import guess_channels, layer_array
+
+        same = layer is self._layer and in_channels == self._in_channels
+        self._layer, self._in_channels = layer, in_channels
+        if same:
+            return
+        if layer is None:
+            self.setVisible(False)
+            return
+        shape = layer_array(layer).shape
+        ask_axis = not layer.rgb and len(shape) >= 3
+        self.axis.blockSignals(True)
+        self.axis.setVisible(ask_axis)
+        if ask_axis:
+            self.axis.setItemText(1, f"{shape[-3]} channels")
+            self.axis.setItemText(0, f"{shape[-3]} Z planes / time points")
+            self.axis.setCurrentIndex(1 if guess_channels(layer) else 0)
+        self.axis.blockSignals(False)
+        self._fill_channels()
+
+    def _fill_channels(self, *_: Any) -> None:
+        from ._geometry import layer_array
+
+        layer = self._layer
+        self.channel.clear()
+        if layer is None:
+            return
+        shape = layer_array(layer).shape
+        n = shape[-1] if layer.rgb else shape[-3] if self.channels() else 1
+        if n > 1:
+            if layer.rgb and self._in_channels == 1:
+                self.channel.addItem("luminance", None)
+            elif n == self._in_channels:
+                self.channel.addItem(f"all {n} channels", None)
+            if self._in_channels == 1:
+                for c in range(n):
+                    self.channel.addItem(f"channel {c + 1}", c)
+        self.channel.setVisible(self.channel.count() > 0)
+        self.setVisible(self.axis.isVisibleTo(self) or self.channel.count() > 0)
+
+    def channels(self) -> bool | None:
+        """True/False: the axis before Y, X is channels/planes; None: not asked."""
+        if self._layer is None or not self.axis.isVisibleTo(self):
+            return None
+        return self.axis.currentIndex() == 1
+
+    def channel_index(self) -> int | None:
+        return self.channel.currentData() if self.channel.count() else None

@@ -26,6 +26,8 @@ class Request:
     """Shape of the labels layer (*leading, Y, X) written back."""
     index: tuple[int, ...] = ()
     """Leading index of the predicted plane ("current slice only"), else ()."""
+    channel: int | None = None
+    """Channel of a multi-channel image given to a one-channel model (``predict(channel=)``)."""
     offset: tuple[int, int] = (0, 0)
     """(y0, x0) of the predicted crop ("visible field of view only")."""
     scale: tuple[float, ...] = ()
@@ -42,18 +44,43 @@ def layer_array(layer: Any) -> Any:
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
-def leading_count(layer: Any, in_channels: int) -> tuple[int, bool]:
-    """(number of leading T/Z axes, whether a channel axis sits before Y, X)."""
+def leading_count(layer: Any, in_channels: int, channels: bool | None = None) -> tuple[int, bool]:
+    """(number of leading T/Z axes, whether a channel axis sits before Y, X).
+
+    ``channels``: the user's answer to "is the axis before Y, X channels?" (the channel
+    picker); None guesses: channels when it equals a multi-channel model's input.
+    """
     shape = layer_array(layer).shape
     if layer.rgb:
         return len(shape) - 3, False
-    if in_channels > 1 and len(shape) >= 3 and shape[-3] == in_channels:
+    if channels is None:
+        channels = in_channels > 1 and len(shape) >= 3 and shape[-3] == in_channels
+    if channels and len(shape) >= 3:
         return len(shape) - 3, True
     return len(shape) - 2, False
 
 
-def is_stack(layer: Any, in_channels: int = 1) -> bool:
-    return leading_count(layer, in_channels)[0] > 0
+def guess_channels(layer: Any) -> bool:
+    """Whether the axis before Y, X of a non-RGB layer looks like channels, not planes.
+
+    Axis labels decide when they name it (c/channel vs z/t); otherwise up to 4 entries
+    are taken for channels (a (2, Y, X) image is two channels, not two Z-planes).
+    """
+    shape = layer_array(layer).shape
+    if layer.rgb or len(shape) < 3:
+        return False
+    labels = [str(a).lower() for a in (getattr(layer, "axis_labels", None) or ())]
+    if len(labels) == len(shape):
+        name = labels[-3]
+        if name in ("c", "ch", "channel", "channels"):
+            return True
+        if name in ("z", "t", "time", "plane", "slice"):
+            return False
+    return shape[-3] <= 4
+
+
+def is_stack(layer: Any, in_channels: int = 1, channels: bool | None = None) -> bool:
+    return leading_count(layer, in_channels, channels)[0] > 0
 
 
 def camera(viewer: Any) -> Any:
@@ -107,11 +134,25 @@ def make_request(
     *,
     current_slice: bool = False,
     field_of_view: bool = False,
+    channels: bool | None = None,
+    channel: int | None = None,
 ) -> Request:
-    """Crop/slice the layer as asked and record how results map back to the layer."""
+    """Crop/slice the layer as asked and record how results map back to the layer.
+
+    ``channels``/``channel``: the channel picker's answer (see :func:`leading_count`) and
+    the channel a one-channel model reads (None: all channels / luminance of RGB).
+    """
     base = layer_array(layer)
     shape = tuple(int(s) for s in base.shape)
-    n_lead, channel_axis = leading_count(layer, in_channels)
+    n_lead, channel_axis = leading_count(layer, in_channels, channels)
+    n_channels = shape[-1] if layer.rgb else shape[-3] if channel_axis else 1
+    if channel is not None and not 0 <= channel < n_channels:
+        raise ValueError(f"{layer.name!r} has no channel {channel + 1}")
+    if channel is None and channel_axis and n_channels != in_channels:
+        raise ValueError(
+            f"{layer.name!r} has {n_channels} channels but the model reads {in_channels}: "
+            "pick a channel"
+        )
     if n_lead not in _LEADING_LETTERS:
         raise ValueError(
             f"{layer.name!r} has {len(shape)} dimensions; napari-unet predicts 2-D images, "
@@ -162,6 +203,7 @@ def make_request(
         axes=axes,
         out_shape=out_shape,
         index=index,
+        channel=channel if (channel_axis or layer.rgb) else None,
         offset=(y0, x0),
         scale=tuple(scale),
         translate=tuple(translate),

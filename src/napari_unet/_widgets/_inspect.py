@@ -21,17 +21,19 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from ._common import (
+    ChannelPicker,
     LayerCombo,
+    Panel,
     RunControls,
     alive,
     is_output,
     output_key,
     set_status,
     status_label,
+    term,
     write_output,
 )
 from ._geometry import make_request, place
@@ -40,7 +42,16 @@ from ._predict import model_line
 from ._state import get_state
 
 DEBOUNCE_MS = 300
+WATCHED_EVENTS = ("data", "paint", "set_data")
 TABLE_COLUMNS = ("output", "parameters", "time", "Dice vs final")
+COLUMN_TIPS = {
+    "output": "Where in the network the prediction comes from (UNet++: level L1…L4, a "
+    "smaller sub-network each; U²-Net / UNet 3+: side outputs of each decoder stage)",
+    "parameters": "Weights that this output needs",
+    "time": "Time to predict this image with only this output",
+    "Dice vs final": "Overlap of this output's foreground with the final output's "
+    "(1.000 = the same pixels; 0 = none in common)",
+}
 
 
 def weight_map(labels: np.ndarray, w0: float, sigma: float, class_weights: str) -> np.ndarray:
@@ -86,6 +97,7 @@ def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any
         model,
         request.data,
         axes=request.axes,
+        channel=request.channel,
         device=device,
         outputs="all",
         progress=progress,
@@ -106,7 +118,13 @@ def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any
             report(("stage", f"timing level L{level}"))
             t = time.perf_counter()
             predict(
-                model, request.data, axes=request.axes, device=device, level=level, cancel=cancel
+                model,
+                request.data,
+                axes=request.axes,
+                channel=request.channel,
+                device=device,
+                level=level,
+                cancel=cancel,
             )
             seconds = f"{time.perf_counter() - t:.2f} s"
         else:
@@ -127,7 +145,7 @@ def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any
     return {"stack": stack, "rows": rows, "seconds": time.perf_counter() - t0}
 
 
-class InspectWidget(QWidget):
+class InspectWidget(Panel):
     """See what the network is trained on and what each depth of it predicts."""
 
     def __init__(self, napari_viewer: Any) -> None:
@@ -141,6 +159,8 @@ class InspectWidget(QWidget):
         self.rows: list[dict[str, str]] = []
         self._watched: Any = None
         self._dirty = False
+        self._computed: tuple[Any, np.ndarray, tuple] | None = None
+        """(layer, labels, parameters) of the last weight map: to skip unchanged redraws."""
         self.updates = 0
 
         # --- border weight map
@@ -148,15 +168,23 @@ class InspectWidget(QWidget):
         self.w0 = QDoubleSpinBox()
         self.w0.setRange(0.0, 1000.0)
         self.w0.setValue(10.0)
-        self.w0.setToolTip("w0: weight of the border term (U-Net paper: 10)")
+        self.w0.setToolTip(
+            "How much more the pixels between touching objects count in training (U-Net paper: 10)"
+        )
         self.sigma = QDoubleSpinBox()
         self.sigma.setRange(0.1, 200.0)
         self.sigma.setValue(5.0)
         self.sigma.setSuffix(" px")
-        self.sigma.setToolTip("σ: width of the border term in pixels (U-Net paper: ≈5)")
+        self.sigma.setToolTip(
+            "How far from the gap between objects that extra weight reaches, in pixels "
+            "(U-Net paper: ≈5)"
+        )
         self.balance = QComboBox()
         self.balance.addItems(["balanced", "none"])
-        self.balance.setToolTip("Class weights w_c: inverse class frequency, or 1 everywhere")
+        self.balance.setToolTip(
+            "balanced: rare classes (e.g. thin boundaries) count as much as common ones in "
+            "total; none: every pixel counts 1"
+        )
         self.live = QCheckBox("update while editing labels")
         self.live.setChecked(True)
         self.weight_button = QPushButton("Show weight map")
@@ -166,12 +194,17 @@ class InspectWidget(QWidget):
         self._debounce.setInterval(DEBOUNCE_MS)
         self._debounce.timeout.connect(self.show_weight_map)
 
+        self.live.setToolTip("Recompute after every brush stroke, fill, undo and redo")
         wbox = QGroupBox("Border weight map (U-Net eq. 2)")
+        wbox.setToolTip(
+            "Which pixels training emphasises: the thin gaps between touching objects get "
+            "a high weight so the network learns to separate them"
+        )
         wform = QFormLayout(wbox)
         wform.addRow("labels", self.labels)
-        wform.addRow("w0", self.w0)
-        wform.addRow("σ", self.sigma)
-        wform.addRow("class weights", self.balance)
+        wform.addRow(term("w0", self.w0.toolTip()), self.w0)
+        wform.addRow(term("σ", self.sigma.toolTip()), self.sigma)
+        wform.addRow(term("class weights", self.balance.toolTip()), self.balance)
         wform.addRow("", self.live)
         wform.addRow(self.weight_button)
         wform.addRow(self.weight_status)
@@ -179,30 +212,39 @@ class InspectWidget(QWidget):
         # --- side outputs
         self.model_label = status_label()
         self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
+        self.channels = ChannelPicker()
         self.side_controls = RunControls("Show side outputs")
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
+        for c, key in enumerate(TABLE_COLUMNS):
+            self.table.horizontalHeaderItem(c).setToolTip(COLUMN_TIPS[key])
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.table.setMinimumHeight(120)
+        self.table.setSizeAdjustPolicy(QTableWidget.SizeAdjustPolicy.AdjustToContents)
         self.side_status = status_label()
 
         sbox = QGroupBox("Deep-supervision / side outputs")
+        sbox.setToolTip(
+            "Predictions taken from inside the network (deep supervision): how much each "
+            "depth contributes and how close a smaller, faster part comes to the final one"
+        )
         slayout = QVBoxLayout(sbox)
         slayout.addWidget(self.model_label)
         sform = QFormLayout()
         sform.addRow("image", self.image)
+        sform.addRow("", self.channels)
         slayout.addLayout(sform)
         buttons = QHBoxLayout()
         buttons.addWidget(self.side_controls.run)
         buttons.addWidget(self.side_controls.cancel)
         slayout.addLayout(buttons)
         slayout.addWidget(self.side_controls.progress)
-        slayout.addWidget(self.table)
         slayout.addWidget(self.side_status)
+        slayout.addWidget(self.table)
 
-        layout = QVBoxLayout(self)
+        layout: QVBoxLayout = self.body_layout
         layout.addWidget(wbox)
         layout.addWidget(sbox)
         layout.addStretch(1)
@@ -215,10 +257,17 @@ class InspectWidget(QWidget):
         self.live.toggled.connect(self._watch)
         self.side_controls.run.clicked.connect(self.show_side_outputs)
         self.side_controls.cancel.clicked.connect(self.cancel_side_outputs)
+        self.image.currentIndexChanged.connect(self._update_channels)
         self.state.model_changed.connect(self._on_model_changed)
         self.state.loading_changed.connect(self._on_model_changed)
         self._on_model_changed()
         self._watch()
+        self.state.ensure_model()  # opened alone: load the bundled model itself
+
+    def _update_channels(self, *_: Any) -> None:
+        if alive(self):
+            model = self.state.model
+            self.channels.update_for(self.image.layer(), model.in_channels if model else 1)
 
     # ------------------------------------------------------------ weight map
     def _watch(self, *_: Any) -> None:
@@ -229,11 +278,12 @@ class InspectWidget(QWidget):
         if layer is self._watched:
             return
         if self._watched is not None:
-            for name in ("data", "paint"):
+            for name in WATCHED_EVENTS:
                 getattr(self._watched.events, name).disconnect(self._labels_edited)
         self._watched = layer
         if layer is not None:
-            for name in ("data", "paint"):
+            # undo/redo write into the array and refresh (set_data), with no data/paint event
+            for name in WATCHED_EVENTS:
                 getattr(layer.events, name).connect(self._labels_edited)
             if self.weight_layer is not None:
                 self._debounce.start()
@@ -259,6 +309,18 @@ class InspectWidget(QWidget):
             return self.weight_job
         labels = np.array(layer.data, copy=True)
         w0, sigma, balance = self.w0.value(), self.sigma.value(), self.balance.currentText()
+        params = (w0, sigma, balance)
+        last = self._computed
+        if (
+            last is not None
+            and last[0] is layer
+            and last[2] == params
+            and self.weight_layer is not None
+            and self.weight_layer in self.viewer.layers
+            and np.array_equal(last[1], labels)
+        ):
+            return None  # nothing changed (a refresh, a slice change)
+        self._computed = (layer, labels, params)
         self._dirty = False
         set_status(self.weight_status, f"Computing the weight map of {layer.name!r}…")
 
@@ -300,11 +362,17 @@ class InspectWidget(QWidget):
                 self._debounce.start()
 
         self.weight_job = start_job(
-            work, on_done=done, on_error=self._weight_error, on_finished=finished
+            work,
+            owner=self,
+            on_done=done,
+            on_error=self._weight_error,
+            on_finished=finished,
+            name="weight map",
         )
         return self.weight_job
 
     def _weight_error(self, exc: BaseException) -> None:
+        self._computed = None
         if alive(self):
             set_status(self.weight_status, error_text(exc), "error")
 
@@ -318,6 +386,7 @@ class InspectWidget(QWidget):
             n = model.num_outputs
             text += f" — {n} output{'s' if n != 1 else ''}"
         set_status(self.model_label, text, kind)
+        self._update_channels()
 
     def show_side_outputs(self) -> Job | None:
         """Predict every output of the current model on the selected image (worker)."""
@@ -327,8 +396,16 @@ class InspectWidget(QWidget):
         if layer is None or model is None:
             set_status(self.side_status, "Need an image layer and a model.", "warn")
             return None
+        self.channels.update_for(layer, model.in_channels)
         try:
-            request = make_request(self.viewer, layer, model.in_channels, current_slice=True)
+            request = make_request(
+                self.viewer,
+                layer,
+                model.in_channels,
+                current_slice=True,
+                channels=self.channels.channels(),
+                channel=self.channels.channel_index(),
+            )
         except ValueError as exc:
             set_status(self.side_status, str(exc), "error")
             return None
@@ -343,6 +420,8 @@ class InspectWidget(QWidget):
             on_error=self._side_error,
             on_cancelled=self._side_cancelled,
             on_finished=self._side_finished,
+            owner=self,
+            name="side outputs",
         )
         return self.side_job
 

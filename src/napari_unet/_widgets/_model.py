@@ -5,23 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
-from ._common import alive, set_status, status_label
+from ._common import Panel, alive, set_status, status_label, term
 from ._jobs import Job, error_text, start_job
 from ._predict import model_line
-from ._state import get_state
+from ._state import ModelEntry, get_state
 
 WIDTH_KEYS = ("base_channels", "embed_dim")
 DEPTH_KEYS = ("depth",)
@@ -33,6 +36,76 @@ def variant_defaults(name: str) -> dict[str, Any]:
     from ..models import config_defaults
 
     return config_defaults(name)
+
+
+TERMS = {
+    "variant": "The network architecture (U-Net, UNet++, UNet 3+, U²-Net, Swin-UNet…)",
+    "config": "Settings the network was built with (width, depth, normalisation…)",
+    "channels in → classes": "Image channels the network reads → classes it outputs per "
+    "pixel (background / interior / boundary separates touching nuclei)",
+    "parameters": "Number of learned weights: a measure of the network's size",
+    "halo": "Border (in pixels) each tile needs around it so tiled prediction has no seams",
+    "size divisor": "Image sizes are padded to a multiple of this (the network halves the "
+    "image this many times over)",
+    "receptive field": "How far (in pixels) the network looks around each pixel to decide",
+    "deep-supervision outputs": "Extra predictions from inside the network (side outputs), "
+    "shown in the Inspect section",
+    "exact tiling": "Whether predicting in tiles gives exactly the whole-image result",
+    "UNet++ levels": "UNet++ can be cut to a smaller network (level L): parameters per level",
+    "device": "Where the network runs (CPU or GPU)",
+    "training": "How this model was trained in this viewer",
+}
+
+
+def training_text(summary: dict[str, Any] | None) -> str:
+    """The training summary in words (images, regions, objects, pixels, steps, validation)."""
+    if not summary:
+        return ""
+    parts = []
+    counts = [
+        (summary.get("images"), "image"),
+        (summary.get("regions"), "region"),
+        (summary.get("objects"), "object"),
+    ]
+    words = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in counts if isinstance(n, int)]
+    if words:
+        parts.append(", ".join(words))
+    if isinstance(summary.get("pixels"), int):
+        parts.append(f"{summary['pixels']:,} annotated pixels")
+    if summary.get("steps") is not None:
+        parts.append(f"{summary['steps']} steps")
+    if summary.get("seconds") is not None:
+        parts.append(f"{float(summary['seconds']):.0f} s")
+    if summary.get("loss"):
+        parts.append(f"loss {summary['loss']}")
+    val = summary.get("validation")
+    if isinstance(val, str) and val:
+        parts.append(val)
+    elif summary.get("val_f1") is not None:
+        parts.append(f"validation F1 {summary['val_f1']:.2f}")
+    return "; ".join(parts)
+
+
+def new_model_defaults(state: Any, defaults: dict[str, Any], name: str) -> dict[str, Any]:
+    """Config defaults for a new ``name`` network: the bundled net's width/depth where one
+    of this variant is in the list (for U-Net: the bundled default's shape), else the
+    variant's own ``defaults``."""
+    from ..demo import FALLBACK_CONFIG, FALLBACK_VARIANT
+
+    out = dict(defaults)
+    bundled = next(
+        (
+            e.model
+            for e in state.entries
+            if e.kind == "bundled" and e.model is not None and e.model.name == name
+        ),
+        None,
+    )
+    if bundled is not None:
+        out.update({k: v for k, v in bundled.config.items() if k in out})
+    elif name == FALLBACK_VARIANT:
+        out.update(FALLBACK_CONFIG)
+    return out
 
 
 def describe(model: Any, device: str) -> dict[str, str]:
@@ -58,6 +131,9 @@ def describe(model: Any, device: str) -> dict[str, str]:
         "exact tiling": "yes" if info.tile_exact else "no (Gaussian-blended tiles)",
         "device": why,
     }
+    summary = getattr(model, "training_summary", None)
+    if summary:
+        rows["training"] = training_text(summary)
     if hasattr(model, "level_parameters"):
         rows["UNet++ levels"] = ", ".join(
             f"L{L}: {model.level_parameters(L):,}" for L in range(1, model.depth + 1)
@@ -65,8 +141,8 @@ def describe(model: Any, device: str) -> dict[str, str]:
     return rows
 
 
-class ModelWidget(QWidget):
-    """Choose the model every napari-unet widget uses."""
+class ModelWidget(Panel):
+    """The model list every napari-unet widget uses: pick, load, save, build."""
 
     INFO_ROWS = (
         "variant",
@@ -79,6 +155,7 @@ class ModelWidget(QWidget):
         "deep-supervision outputs",
         "exact tiling",
         "UNet++ levels",
+        "training",
         "device",
     )
 
@@ -91,75 +168,104 @@ class ModelWidget(QWidget):
         self._defaults: dict[str, dict[str, Any]] = {}
 
         self.header = status_label()
-        self.warning = QLabel(
-            "⚠ This model is UNTRAINED (the bundled model is missing): its predictions are "
-            "noise. Train it in the Train widget or load a checkpoint."
-        )
+        self.warning = QLabel("")
         self.warning.setWordWrap(True)
         self.warning.setStyleSheet("color: #e9a23b; font-weight: bold;")
         self.warning.setVisible(False)
 
+        self.models = QListWidget()
+        self.models.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.models.setToolTip(
+            "Every model of this viewer: the bundled ones, those trained or built here and "
+            "loaded checkpoints. Click one to use it; nothing is discarded."
+        )
+        self.models.setMinimumHeight(70)
+        self.models.setMaximumHeight(130)
+        self.load_button = QPushButton("Load…")
+        self.load_button.setToolTip("Add a .safetensors checkpoint to the list")
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Save the selected model (with its training summary)")
+        self.remove_button = QPushButton("Remove")
+        self.remove_button.setToolTip("Take the selected model off the list (bundled ones stay)")
+
         self.variant = QComboBox()
-        self.variant.setToolTip("Model variant from the napari-unet registry")
+        self.variant.setToolTip("Network architecture from the napari-unet registry")
         self.width = QSpinBox()
         self.width.setRange(1, 1024)
-        self.width.setToolTip("Base width: channels of the first level (embed_dim for Swin-UNet)")
+        self.width.setToolTip(
+            "Base width: feature channels of the first level (more = bigger, slower network)"
+        )
         self.depth = QSpinBox()
         self.depth.setRange(1, 8)
-        self.depth.setToolTip("Number of down-sampling steps")
+        self.depth.setToolTip("Depth: how many times the network halves the image")
         self.in_channels = QSpinBox()
         self.in_channels.setRange(1, 16)
         self.in_channels.setValue(1)
+        self.in_channels.setToolTip("Image channels the network reads (1 = greyscale)")
         self.classes = QSpinBox()
         self.classes.setRange(1, 64)
         self.classes.setValue(3)
-        self.classes.setToolTip("3 = background / interior / boundary (instance segmentation)")
-        self.build_button = QPushButton("Build")
-        self.build_button.setToolTip("Build an untrained model of this variant")
-        self.load_button = QPushButton("Load checkpoint…")
-        self.save_button = QPushButton("Save…")
+        self.classes.setToolTip(
+            "Classes per pixel; 3 = background / interior / boundary, which separates "
+            "touching objects (instance segmentation)"
+        )
+        self.build_button = QPushButton("Build (untrained)")
+        self.build_button.setToolTip(
+            "Add an untrained network of this kind to the list; train it in the Train "
+            "section. The other models stay."
+        )
+
+        models_box = QGroupBox("Models")
+        mlayout = QVBoxLayout(models_box)
+        mlayout.addWidget(self.models)
+        files = QHBoxLayout()
+        files.addWidget(self.load_button)
+        files.addWidget(self.save_button)
+        files.addWidget(self.remove_button)
+        mlayout.addLayout(files)
 
         build_box = QGroupBox("New model")
         form = QFormLayout(build_box)
-        form.addRow("variant", self.variant)
-        form.addRow("base width", self.width)
-        form.addRow("depth", self.depth)
-        form.addRow("input channels", self.in_channels)
-        form.addRow("classes", self.classes)
+        form.addRow(term("variant", self.variant.toolTip()), self.variant)
+        form.addRow(term("base width", self.width.toolTip()), self.width)
+        form.addRow(term("depth", self.depth.toolTip()), self.depth)
+        form.addRow(term("input channels", self.in_channels.toolTip()), self.in_channels)
+        form.addRow(term("classes", self.classes.toolTip()), self.classes)
         form.addRow(self.build_button)
 
-        info_box = QGroupBox("Current model")
+        info_box = QGroupBox("Selected model")
         self.info_form = QFormLayout(info_box)
         self.info: dict[str, QLabel] = {}
         for key in self.INFO_ROWS:
             label = QLabel("—")
             label.setWordWrap(True)
+            label.setToolTip(TERMS.get(key, ""))
             self.info[key] = label
-            self.info_form.addRow(key, label)
+            self.info_form.addRow(term(key, TERMS.get(key, "")), label)
 
-        files = QHBoxLayout()
-        files.addWidget(self.load_button)
-        files.addWidget(self.save_button)
         self.status = status_label()
-
-        layout = QVBoxLayout(self)
+        layout = self.body_layout
         layout.addWidget(self.header)
         layout.addWidget(self.warning)
-        layout.addWidget(info_box)
-        layout.addLayout(files)
-        layout.addWidget(build_box)
+        layout.addWidget(models_box)
         layout.addWidget(self.status)
+        layout.addWidget(info_box)
+        layout.addWidget(build_box)
         layout.addStretch(1)
 
         self.variant.currentTextChanged.connect(self._on_variant)
         self.build_button.clicked.connect(self.build)
         self.load_button.clicked.connect(self._ask_load)
         self.save_button.clicked.connect(self._ask_save)
+        self.remove_button.clicked.connect(self._remove_selected)
+        self.models.currentRowChanged.connect(self._on_row)
+        self.state.models_changed.connect(self._fill_list)
         self.state.model_changed.connect(self._on_model_changed)
         self.state.loading_changed.connect(self._on_model_changed)
         self.state.device_changed.connect(self._on_model_changed)
         self._set_engine_ready(False)
         self._start_engine()
+        self._fill_list()
         self._on_model_changed()
         self.state.ensure_model()
 
@@ -185,21 +291,30 @@ class ModelWidget(QWidget):
             self._on_variant(self.variant.currentText())
             self._set_engine_ready(True)
 
-        start_job(work, on_done=done, on_error=self._on_error)
+        start_job(work, owner=self, on_done=done, on_error=self._on_error, name="list variants")
 
     def _set_engine_ready(self, ready: bool) -> None:
         for w in (self.variant, self.width, self.depth, self.build_button, self.load_button):
             w.setEnabled(ready)
-        self.save_button.setEnabled(ready and self.state.model is not None)
+        self._update_buttons()
         if ready:
             self._on_variant(self.variant.currentText())
 
+    def _update_buttons(self) -> None:
+        entry = self.selected_entry()
+        ready = self.variant.isEnabled()
+        self.save_button.setEnabled(ready and entry is not None and entry.model is not None)
+        self.remove_button.setEnabled(entry is not None and entry.kind != "bundled")
+
+    def new_model_defaults(self, name: str) -> dict[str, Any]:
+        return new_model_defaults(self.state, self._defaults.get(name, {}), name)
+
     def _on_variant(self, name: str) -> None:
-        defaults = self._defaults.get(name, {})
+        defaults = self.new_model_defaults(name) if name else {}
         width_key = next((k for k in WIDTH_KEYS if k in defaults), None)
         depth_key = next((k for k in DEPTH_KEYS if k in defaults), None)
-        self.width.setEnabled(width_key is not None)
-        self.depth.setEnabled(depth_key is not None)
+        self.width.setEnabled(width_key is not None and self.variant.isEnabled())
+        self.depth.setEnabled(depth_key is not None and self.variant.isEnabled())
         if width_key:
             self.width.setValue(int(defaults[width_key]))
         if depth_key:
@@ -216,7 +331,72 @@ class ModelWidget(QWidget):
             cfg["depth"] = self.depth.value()
         return cfg
 
+    # ---------------------------------------------------------------- list
+    def _fill_list(self, *_: Any) -> None:
+        if not alive(self):
+            return
+        self.models.blockSignals(True)
+        self.models.clear()
+        for entry in self.state.entries:
+            item = QListWidgetItem(entry.describe())
+            item.setData(Qt.ItemDataRole.UserRole, entry)
+            tip = training_text(entry.summary)
+            item.setToolTip(f"Trained here: {tip}" if tip else entry.source)
+            if entry.untrained:
+                item.setForeground(Qt.GlobalColor.darkYellow)
+            self.models.addItem(item)
+        self._select_current_row()
+        self.models.blockSignals(False)
+        self._update_buttons()
+
+    def _select_current_row(self) -> None:
+        for row in range(self.models.count()):
+            if self.models.item(row).data(Qt.ItemDataRole.UserRole) is self.state.current:
+                self.models.setCurrentRow(row)
+                f = self.models.item(row).font()
+                f.setBold(True)
+                self.models.item(row).setFont(f)
+            else:
+                f = self.models.item(row).font()
+                f.setBold(False)
+                self.models.item(row).setFont(f)
+
+    def selected_entry(self) -> ModelEntry | None:
+        item = self.models.currentItem()
+        return item.data(Qt.ItemDataRole.UserRole) if item is not None else None
+
+    def _on_row(self, row: int) -> None:
+        entry = self.selected_entry()
+        if entry is not None and entry is not self.state.current:
+            self.select(entry)
+        self._update_buttons()
+
+    def select(self, entry: ModelEntry) -> None:
+        """Use ``entry`` (instant; a bundled model is loaded the first time)."""
+        if entry.model is None:
+            set_status(self.status, f"Loading {entry.label}…")
+        self.state.select(entry)
+
+    def _remove_selected(self) -> None:
+        entry = self.selected_entry()
+        if entry is not None:
+            self.state.remove(entry)
+
     # -------------------------------------------------------------- display
+    def _warning_text(self) -> str:
+        entry = self.state.current
+        if entry is None or not entry.untrained:
+            return ""
+        if entry.kind == "fallback":
+            return (
+                "⚠ No bundled model is installed, so this U-Net is UNTRAINED: its predictions "
+                "are noise. Train it (Train section) or load a checkpoint."
+            )
+        return (
+            f"⚠ {entry.label} is UNTRAINED ({entry.source}): its predictions are noise. "
+            "Train it (Train section) or pick a trained model in the list."
+        )
+
     def _on_model_changed(self, *_: Any) -> None:
         if not alive(self):
             return
@@ -224,8 +404,15 @@ class ModelWidget(QWidget):
         set_status(self.header, text, kind)
         if self.state.error:
             set_status(self.status, self.state.error, "error")
-        self.warning.setVisible(self.state.model is not None and self.state.untrained)
-        self.save_button.setEnabled(self.state.model is not None and self.variant.isEnabled())
+        elif self.status.text().startswith("Loading ") and self.state.model is not None:
+            set_status(self.status, "")
+        warning = self._warning_text()
+        self.warning.setText(warning)
+        self.warning.setVisible(bool(warning))
+        self.models.blockSignals(True)
+        self._select_current_row()
+        self.models.blockSignals(False)
+        self._update_buttons()
         model = self.state.model
         if model is None:
             for label in self.info.values():
@@ -234,8 +421,10 @@ class ModelWidget(QWidget):
         device = self.state.device
         self._info_job = start_job(
             lambda report, cancel: describe(model, device),
+            owner=self,
             on_done=lambda rows: self._show_info(model, rows),
             on_error=self._on_error,
+            name="describe model",
         )
 
     def _show_info(self, model: Any, rows: dict[str, str]) -> None:
@@ -265,11 +454,18 @@ class ModelWidget(QWidget):
             if alive(self):
                 self._set_engine_ready(True)
 
-        self.job = start_job(work, on_done=done, on_error=self._on_error, on_finished=finished)
+        self.job = start_job(
+            work,
+            owner=self,
+            on_done=done,
+            on_error=self._on_error,
+            on_finished=finished,
+            name=what,
+        )
         return self.job
 
     def build(self) -> Job | None:
-        """Build an untrained model of the selected variant and make it current."""
+        """Build an untrained model of the selected variant and add it to the list."""
         name, cfg = self.variant.currentText(), self.config()
         in_ch, classes = self.in_channels.value(), self.classes.value()
 
@@ -281,8 +477,12 @@ class ModelWidget(QWidget):
             return model
 
         def done(model: Any) -> None:
-            self.state.set_model(model, "built here (untrained)", untrained=True)
-            set_status(self.status, f"Built an untrained {model.name}.", "ok")
+            entry = self.state.add_model(model, "built here", kind="built", untrained=True)
+            set_status(
+                self.status,
+                f"Added {entry.label} (untrained) to the list; the other models stay.",
+                "ok",
+            )
 
         return self._run(work, done, f"Building {name}")
 
@@ -300,13 +500,14 @@ class ModelWidget(QWidget):
             return model
 
         def done(model: Any) -> None:
-            self.state.set_model(model, f"checkpoint {path.name}")
+            self.state.add_model(model, f"checkpoint {path.name}", kind="checkpoint")
             set_status(self.status, f"Loaded {path}.", "ok")
 
         return self._run(work, done, f"Loading {path.name}")
 
-    def save_checkpoint(self, path: str | Path) -> Job | None:
-        model = self.state.model
+    def save_checkpoint(self, path: str | Path, entry: ModelEntry | None = None) -> Job | None:
+        entry = entry or self.selected_entry() or self.state.current
+        model = entry.model if entry is not None else None
         if model is None:
             set_status(self.status, "No model to save.", "warn")
             return None
@@ -331,10 +532,11 @@ class ModelWidget(QWidget):
             self.load_checkpoint(path)
 
     def _ask_save(self) -> None:
-        name = f"{self.state.model.name}.safetensors" if self.state.model is not None else ""
+        entry = self.selected_entry()
+        name = f"{entry.variant}.safetensors" if entry is not None else ""
         path, _ = QFileDialog.getSaveFileName(self, "Save checkpoint", name, CHECKPOINT_FILTER)
         if path:
-            self.save_checkpoint(path)
+            self.save_checkpoint(path, entry)
 
     def _on_error(self, exc: BaseException) -> None:
         if alive(self):

@@ -25,15 +25,27 @@ class LossPlot(QWidget):
         self.losses: list[float] = []
         self.val_steps: list[int] = []
         self.val_scores: list[float] = []
-        self.val_name = "val F1"
+        self.val_name = "validation F1"
+        self.val_scored = True
+        self.setToolTip(
+            "Blue: training loss per step (lower is better; left axis). Orange: the "
+            "validation score per epoch, object F1 at IoU 0.5 on objects never trained "
+            "on (1 = every object found with the right outline; right axis)."
+        )
         self.setMinimumHeight(140)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
 
     def clear(self) -> None:
+        self.val_name, self.val_scored = "validation F1", True
         self.steps.clear()
         self.losses.clear()
         self.val_steps.clear()
         self.val_scores.clear()
+        self.update()
+
+    def set_validation(self, name: str, scored: bool) -> None:
+        """What the orange number is (e.g. "F1@0.5 on 12 held-out objects"), or why none."""
+        self.val_name, self.val_scored = name, scored
         self.update()
 
     def add_loss(self, step: int, loss: float) -> None:
@@ -97,12 +109,13 @@ class LossPlot(QWidget):
         legend = f"loss {self.losses[-1]:.3f}"
         p.setPen(LOSS_COLOR)
         p.drawText(QRectF(rect.left() + 4, rect.top() + 2, rect.width(), 14), Qt.AlignLeft, legend)
-        if self.val_scores:
-            p.setPen(VAL_COLOR)
+        if self.val_scores or not self.val_scored:
+            p.setPen(VAL_COLOR if self.val_scores else AXIS_COLOR)
+            text = (
+                f"{self.val_name}: {self.val_scores[-1]:.2f}" if self.val_scores else self.val_name
+            )
             p.drawText(
-                QRectF(rect.left(), rect.top() + 2, rect.width() - 4, 14),
-                Qt.AlignRight,
-                f"{self.val_name} {self.val_scores[-1]:.2f}",
+                QRectF(rect.left(), rect.top() + 16, rect.width() - 4, 14), Qt.AlignRight, text
             )
         p.setPen(AXIS_COLOR)
         p.drawText(

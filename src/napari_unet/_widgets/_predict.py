@@ -12,20 +12,23 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QHBoxLayout,
+    QPushButton,
     QSpinBox,
-    QVBoxLayout,
-    QWidget,
 )
 
 from ._common import (
+    ChannelPicker,
     LayerCombo,
+    Panel,
     RunControls,
     alive,
+    copy_as_annotation,
     find_output,
     is_output,
     output_key,
     set_status,
     status_label,
+    term,
     write_output,
 )
 from ._geometry import Request, is_stack, make_request, place
@@ -34,13 +37,15 @@ from ._state import get_state
 
 LABEL_MODES = {"instance labels": "instance", "semantic labels": "semantic", "no labels": None}
 DEVICES = ("auto", "cpu", "cuda")
+TILES_SHARE = 0.9
+"""Share of the progress bar for the network (tiles); post-processing takes the rest."""
 
 
 def model_line(state: Any, short: bool = False) -> tuple[str, str]:
     """(text, status kind) describing the state's model for the widgets' headers."""
     if state.model is None:
         return ("Model: loading…" if state.loading else "Model: none", "info")
-    text = f"Model: {state.model.name} — {state.source}"
+    text = f"Model: {state.label} — {state.source}"
     if not state.untrained:
         return text, "info"
     return (text if short else text + " (untrained: results are not meaningful)"), "warn"
@@ -61,7 +66,7 @@ def run_prediction(
     cancel: Any = None,
 ) -> dict[str, Any]:
     """Engine part of a prediction (runs in the worker thread): probabilities → labels."""
-    from ..postprocess import default_class_names, segment
+    from ..postprocess import default_class_names
     from ..predict import predict, select_device
     from ..tiling import Cancelled
 
@@ -79,6 +84,7 @@ def run_prediction(
         model,
         request.data,
         axes=request.axes,
+        channel=request.channel,
         tile_size=tile_size,
         batch_size=batch_size,
         device=dev,
@@ -90,9 +96,7 @@ def run_prediction(
     names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
     out: dict[str, Any] = {"seconds": seconds, "device": why, "class_names": names}
     if labels_mode is not None:
-        if report is not None:
-            report(("stage", "post-processing"))
-        labels = segment(probs, mode=labels_mode, class_names=names)
+        labels = _segment_planes(probs, labels_mode, names, report, cancel)
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
         out["labels"] = place(
@@ -105,22 +109,84 @@ def run_prediction(
     return out
 
 
+def _segment_planes(
+    probs: np.ndarray, mode: str, names: list[str], report: Any, cancel: Any
+) -> np.ndarray:
+    """Labels of (C, *leading, Y, X) probabilities, plane by plane with progress."""
+    from ..postprocess import segment
+    from ..tiling import Cancelled
+
+    lead = probs.shape[1:-2]
+    planes = list(np.ndindex(*lead)) if lead else [()]
+    if report is not None:
+        report(("post", 0, len(planes)))
+    if not lead:
+        labels = segment(probs, mode=mode, class_names=names)
+        if report is not None:
+            report(("post", 1, 1))
+        return labels
+    labels = None
+    top = 0
+    for i, idx in enumerate(planes):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled")
+        plane = segment(probs[(slice(None), *idx)], mode=mode, class_names=names)
+        if labels is None:
+            labels = np.zeros(lead + plane.shape, plane.dtype)
+        if mode == "instance":  # ids unique over the stack, as segment() gives them
+            plane = np.where(plane > 0, plane + top, 0).astype(plane.dtype)
+            top = max(top, int(plane.max()))
+        labels[idx] = plane
+        if report is not None:
+            report(("post", i + 1, len(planes)))
+    return labels
+
+
+def result_name(source_name: str, label: str, run: int, kind: str = "") -> str:
+    """``nuclei [unetpp #2]``, ``nuclei [unetpp #2 probabilities]``."""
+    return f"{source_name} [{label} #{run}{' ' + kind if kind else ''}]"
+
+
 def write_results(
-    viewer: Any, request: Request, model: Any, result: dict[str, Any], labels_mode: str | None
+    viewer: Any,
+    request: Request,
+    model: Any,
+    result: dict[str, Any],
+    labels_mode: str | None,
+    *,
+    label: str | None = None,
+    run: int | None = None,
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """New (or the plugin's own, replaced) layers for a finished prediction, by kind."""
+    """New layers for a finished prediction, by kind (``replace``: the last ones' data).
+
+    Named by source, model and run (``nuclei [unet #3]``), visible, the labels selected.
+    """
+    from ._state import get_state
+
     src = request.source
+    state = get_state(viewer)
+    label = label or model.name
+    run = run if run is not None else state.next_run()
     written: dict[str, Any] = {}
-    info = {"napari_unet_model": model.name, "napari_unet_classes": result["class_names"]}
+    info = {
+        "napari_unet_model": model.name,
+        "napari_unet_model_label": label,
+        "napari_unet_run": run,
+        "napari_unet_classes": result["class_names"],
+    }
     if "probabilities" in result:
         probs = result["probabilities"]
-        existed = find_output(viewer, output_key(src, "probabilities")) is not None
+        existed = replace and find_output(viewer, output_key(src, "probabilities")) is not None
+        src_labels = tuple(src.axis_labels)
+        dims = src_labels[-(probs.ndim - 1) :] if len(src_labels) >= probs.ndim - 1 else ()
+        extra = {"axis_labels": ("class", *dims)} if dims else {}
         written["probabilities"] = write_output(
             viewer,
             output_key(src, "probabilities"),
             "image",
             probs,
-            name=f"{src.name} [{model.name} probabilities]",
+            name=result_name(src.name, label, run, "probabilities"),
             scale=(1.0, *request.scale),
             translate=(0.0, *request.translate),
             metadata=info,
@@ -128,6 +194,9 @@ def write_results(
             contrast_limits=(0.0, 1.0),
             blending="additive",
             visible=True,
+            replace=replace,
+            select=True,
+            **extra,
         )
         if not existed and probs.shape[0] > 1:
             # show the first foreground class rather than the background on the class slider
@@ -138,22 +207,29 @@ def write_results(
                 viewer.dims.set_current_step(axis, first)
     if "labels" in result:
         kind = f"{labels_mode} labels"
-        suffix = "labels" if labels_mode == "instance" else "semantic"
+        suffix = "" if labels_mode == "instance" else "semantic"
         written["labels"] = write_output(
             viewer,
             output_key(src, kind),
             "labels",
             result["labels"].astype(np.uint32, copy=False),
-            name=f"{src.name} [{model.name} {suffix}]",
+            name=result_name(src.name, label, run, suffix),
             scale=request.scale,
             translate=request.translate,
             metadata=info,
+            replace=replace,
+            select=True,
         )
     return written
 
 
-class PredictWidget(QWidget):
-    """Image layer → probabilities / semantic / instance labels with the current model."""
+class PredictWidget(Panel):
+    """Image layer → probabilities / semantic / instance labels with the current model.
+
+    Each run adds new layers (``nuclei [unet #2]``); "replace the last result" reuses the
+    previous run's layers instead. "Use as annotation" copies a result into a new Labels
+    layer to correct and train on.
+    """
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
@@ -167,65 +243,93 @@ class PredictWidget(QWidget):
 
         self.model_label = status_label()
         self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
+        self.channels = ChannelPicker()
         self.labels_mode = QComboBox()
         self.labels_mode.addItems(list(LABEL_MODES))
+        self.labels_mode.setToolTip(
+            "instance: one id per object (nuclei, cells); semantic: one value per class"
+        )
         self.probabilities = QCheckBox("probabilities layer")
+        self.probabilities.setToolTip(
+            "Also add the network's per-class probability (0–1) as an image layer; the "
+            "class is chosen with the 'class' slider"
+        )
+        self.replace = QCheckBox("replace the last result")
+        self.replace.setToolTip(
+            "Off (default): every run adds new layers and earlier results stay as they "
+            "are. On: the previous run's layers of this image get the new data."
+        )
         self.tile = QSpinBox()
         self.tile.setRange(0, 16384)
         self.tile.setSingleStep(64)
         self.tile.setSpecialValueText("auto")
         self.tile.setSuffix(" px")
         self.tile.setToolTip(
-            "Network input window (tile) size; auto = the engine default for the device"
+            "Large images are cut into overlapping square pieces (tiles) of this size; "
+            "the overlap hides the seams. Bigger tiles: faster, more memory. auto = the "
+            "engine default for the device"
         )
         self.batch = QSpinBox()
         self.batch.setRange(0, 256)
         self.batch.setSpecialValueText("auto")
-        self.batch.setToolTip("Tiles per batch; auto = the engine default for the device")
+        self.batch.setToolTip("Tiles computed together; auto = the engine default for the device")
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.device.setCurrentText(self.state.device)
+        self.device.setToolTip("Where the network runs; auto = the GPU when there is one")
         self.level = QSpinBox()
         self.level.setRange(0, 0)
         self.level.setSpecialValueText("final")
         self.level.setToolTip(
-            "UNet++ only: prune the network to level L (faster, fewer parameters)"
+            "UNet++ only: use a smaller part of the network (level L of its nested "
+            "decoders): faster, usually a little less accurate"
         )
         self.current_slice = QCheckBox("current slice only")
         self.current_slice.setToolTip("For stacks and time series: predict the displayed plane")
         self.field_of_view = QCheckBox("visible field of view only")
         self.field_of_view.setToolTip("Predict only the part of the image shown in the canvas")
         self.controls = RunControls("Predict")
+        self.annotate = QPushButton("Use as annotation")
+        self.annotate.setToolTip(
+            "Copy the selected result (or the last one) into a new Labels layer you can "
+            "correct with the brush/eraser and then train on (Train section)"
+        )
         self.status = status_label()
 
         form = QFormLayout()
         form.addRow("image", self.image)
+        form.addRow("", self.channels)
         form.addRow("labels", self.labels_mode)
         form.addRow("", self.probabilities)
-        form.addRow("tile size", self.tile)
-        form.addRow("batch", self.batch)
-        form.addRow("device", self.device)
-        form.addRow("UNet++ level", self.level)
+        form.addRow("", self.replace)
+        form.addRow(term("tile size", self.tile.toolTip()), self.tile)
+        form.addRow(term("batch", self.batch.toolTip()), self.batch)
+        form.addRow(term("device", self.device.toolTip()), self.device)
+        form.addRow(term("UNet++ level", self.level.toolTip()), self.level)
         form.addRow("", self.current_slice)
         form.addRow("", self.field_of_view)
         buttons = QHBoxLayout()
         buttons.addWidget(self.controls.run)
         buttons.addWidget(self.controls.cancel)
-        layout = QVBoxLayout(self)
+        layout = self.body_layout
         layout.addWidget(self.model_label)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.controls.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.annotate)
         layout.addStretch(1)
 
         self.controls.run.clicked.connect(self.run)
         self.controls.cancel.clicked.connect(self.cancel)
+        self.annotate.clicked.connect(self.use_as_annotation)
         self.device.currentTextChanged.connect(self.state.set_device)
         self.image.currentIndexChanged.connect(self._update_enabled)
+        self.channels.axis.currentIndexChanged.connect(self._update_enabled)
         self.state.model_changed.connect(self._on_model_changed)
         self.state.device_changed.connect(self._on_device_changed)
         self.state.loading_changed.connect(self._on_model_changed)
+        napari_viewer.layers.selection.events.active.connect(self._update_enabled)
         self._on_model_changed()
         self.state.ensure_model()
 
@@ -264,9 +368,40 @@ class PredictWidget(QWidget):
         self.level.setEnabled(model is not None and hasattr(model, "level_parameters"))
         layer = self.image.layer()
         in_ch = model.in_channels if model is not None else 1
-        self.current_slice.setEnabled(layer is not None and is_stack(layer, in_ch))
+        self.channels.update_for(layer, in_ch)
+        self.current_slice.setEnabled(
+            layer is not None and is_stack(layer, in_ch, self.channels.channels())
+        )
         busy = self.job is not None and self.job.running
         self.controls.run.setEnabled(not busy and layer is not None)
+        self.annotate.setEnabled(self._annotation_source() is not None)
+
+    def _annotation_source(self) -> Any:
+        """The selected labels layer of ours, else the last labels result still present."""
+        active = self.viewer.layers.selection.active
+        if (
+            active is not None
+            and type(active).__name__ == "Labels"
+            and "napari_unet_run" in (active.metadata)
+        ):
+            return active
+        last = self.last_layers.get("labels")
+        return last if last is not None and last in self.viewer.layers else None
+
+    def use_as_annotation(self) -> Any:
+        """Copy a prediction into a new editable Labels layer (returns it, or None)."""
+        source = self._annotation_source()
+        if source is None:
+            set_status(self.status, "Predict first (or select a result layer).", "warn")
+            return None
+        layer = copy_as_annotation(self.viewer, source)
+        set_status(
+            self.status,
+            f"{layer.name!r}: a copy of {source.name!r} to correct (paint mode is on). Draw a "
+            "rectangle around what you corrected in a Shapes layer and train on it.",
+            "ok",
+        )
+        return layer
 
     # ------------------------------------------------------------------- run
     def run(self) -> Job | None:
@@ -279,12 +414,15 @@ class PredictWidget(QWidget):
             return None
         state = self.state
         model = state.model
+        label = state.label or None
         labels_mode = LABEL_MODES[self.labels_mode.currentText()]
         want_probs = self.probabilities.isChecked()
+        replace = self.replace.isChecked()
         if labels_mode is None and not want_probs:
             set_status(self.status, "Choose labels and/or the probabilities layer.", "warn")
             return None
         in_ch = model.in_channels if model is not None else 1
+        self.channels.update_for(layer, in_ch)
         try:
             request = make_request(
                 self.viewer,
@@ -292,12 +430,14 @@ class PredictWidget(QWidget):
                 in_ch,
                 current_slice=self.current_slice.isChecked() and self.current_slice.isEnabled(),
                 field_of_view=self.field_of_view.isChecked(),
+                channels=self.channels.channels(),
+                channel=self.channels.channel_index(),
             )
         except ValueError as exc:
             set_status(self.status, str(exc), "error")
             return None
         previous = {}
-        if request.index:  # slice mode: keep the other slices of our earlier result
+        if request.index and replace:  # slice mode: keep the other slices of the last result
             for kind, key in (
                 ("labels", f"{labels_mode} labels"),
                 ("probabilities", "probabilities"),
@@ -331,11 +471,13 @@ class PredictWidget(QWidget):
         set_status(self.status, f"Predicting {layer.name!r}…")
         self.job = start_job(
             work,
+            owner=self,
             on_progress=self._on_progress,
-            on_done=lambda res: self._on_done(request, labels_mode, *res),
+            on_done=lambda res: self._on_done(request, labels_mode, label, replace, *res),
             on_error=self._on_error,
             on_cancelled=self._on_cancelled,
             on_finished=self._on_finished,
+            name="predict",
         )
         return self.job
 
@@ -351,21 +493,41 @@ class PredictWidget(QWidget):
         for item in items:
             if item[0] == "progress":
                 done, total = item[1], item[2]
-                self.controls.fraction(done / max(total, 1), f"{done}/{total} tiles")
+                self.controls.fraction(
+                    TILES_SHARE * done / max(total, 1), f"network: {done}/{total} tiles"
+                )
+            elif item[0] == "post":
+                done, total = item[1], item[2]
+                plane = f" {done}/{total}" if total > 1 else ""
+                self.controls.fraction(
+                    TILES_SHARE + (1 - TILES_SHARE) * done / max(total, 1),
+                    f"separating objects{plane}…" if done < total else "adding layers…",
+                )
             elif item[0] == "stage":
                 set_status(self.status, item[1][:1].upper() + item[1][1:] + "…")
             elif item[0] == "model" and self.state.model is None:
                 self.state.set_model(item[1], item[2], untrained=item[3])
 
     def _on_done(
-        self, request: Request, labels_mode: str | None, model: Any, result: dict[str, Any]
+        self,
+        request: Request,
+        labels_mode: str | None,
+        label: str | None,
+        replace: bool,
+        model: Any,
+        result: dict[str, Any],
     ) -> None:
         self.last_result = result
         self.timings["returned"] = time.perf_counter()
         if request.source not in self.viewer.layers:
             self._finish_status(f"{request.source.name!r} was removed; result discarded.", "warn")
             return
-        self.last_layers = write_results(self.viewer, request, model, result, labels_mode)
+        if label is None:
+            entry = self.state.entry_of(model)
+            label = entry.label if entry is not None else model.name
+        self.last_layers = write_results(
+            self.viewer, request, model, result, labels_mode, label=label, replace=replace
+        )
         self.timings["written"] = time.perf_counter()
         what = []
         if "n_labels" in result:
@@ -375,19 +537,22 @@ class PredictWidget(QWidget):
         if "probabilities" in result:
             what.append("probabilities")
         notes = f" ({'; '.join(request.notes)})" if request.notes else ""
+        first = next(iter(self.last_layers.values()))
         self._finish_status(
-            f"{request.source.name}: {', '.join(what)} in {result['total_seconds']:.1f} s on "
+            f"{first.name}: {', '.join(what)} in {result['total_seconds']:.1f} s on "
             f"{result['device']}{notes}.",
             "ok",
         )
         self.controls.fraction(1.0, "done")
+        self._update_enabled()
 
     def _on_error(self, exc: BaseException) -> None:
         self._finish_status(f"Prediction failed: {error_text(exc)}", "error")
 
     def _on_cancelled(self, _: Any) -> None:
         self._finish_status("Cancelled; no layer was changed.", "warn")
-        self.controls.fraction(0.0, "cancelled")
+        if alive(self):
+            self.controls.fraction(0.0, "cancelled")
 
     def _on_finished(self) -> None:
         if alive(self):

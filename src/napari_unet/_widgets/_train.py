@@ -1,8 +1,16 @@
-"""Train widget: fine-tune (a copy of) the current model on annotated layers, live plot."""
+"""Train widget: fine-tune (a copy of) the current model on annotated layers, live plot.
+
+Training data is a list of (image, annotation, regions) entries: every rectangle of the
+regions Shapes layer is a training region (no layer: the annotated area), several
+images can be added. Validation is the user's choice (none / held-out objects / a
+region of its own). The budget is a number of steps (time optional). The trained model
+joins the model list; its prediction is added as new layers.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,47 +19,88 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
+    QListWidget,
+    QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
-from ._common import LayerCombo, RunControls, alive, is_output, set_status, status_label
+from ._common import (
+    ChannelPicker,
+    LayerCombo,
+    Panel,
+    RunControls,
+    alive,
+    is_output,
+    set_status,
+    status_label,
+    term,
+)
 from ._geometry import layer_array, leading_count, make_request
 from ._jobs import Job, error_text, start_job
 from ._plot import LossPlot
 from ._predict import model_line, run_prediction, write_results
 from ._state import get_state
 
-CURRENT = "current model (fine-tune)"
+CURRENT = "current model (fine-tune a copy)"
 FRESH_PREFIX = "new "
 LOSSES = ("ce_dice", "ce", "unet3p_hybrid", "u2net_sides")
 """Shown before the engine is imported; replaced by ``list_losses()`` once it is."""
+BUDGETS = ("steps", "epochs", "seconds")
+BUDGET_DEFAULTS = {"steps": 100, "epochs": 5, "seconds": 60}
+VALIDATION = {
+    "none": "none",
+    "held-out objects": "objects",
+    "a region of its own": "regions",
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def rectangle_rois(shapes: Any, image: Any) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) in ``image`` data pixels of every rectangle of ``shapes``.
+
+    Rectangles outside the image (or under 4×4 px inside it) are skipped; none left is
+    an error."""
+    types = list(shapes.shape_type)
+    if "rectangle" not in types:
+        raise ValueError(f"{shapes.name!r} has no rectangle; draw one (a training region)")
+    shape = layer_array(image).shape
+    h, w = shape[-3:-1] if image.rgb else shape[-2:]
+    rois = []
+    for kind, data in zip(types, shapes.data):
+        if kind != "rectangle":
+            continue
+        vertices = np.asarray(data, dtype=float)
+        pts = np.array([image.world_to_data(shapes.data_to_world(v)) for v in vertices])
+        ys, xs = pts[:, -2], pts[:, -1]
+        y0, y1 = max(0, int(np.floor(ys.min()))), min(h, int(np.ceil(ys.max())))
+        x0, x1 = max(0, int(np.floor(xs.min()))), min(w, int(np.ceil(xs.max())))
+        if y1 - y0 >= 4 and x1 - x0 >= 4:
+            rois.append((y0, y1, x0, x1))
+    if not rois:
+        raise ValueError(
+            f"every rectangle of {shapes.name!r} is outside {image.name!r} or smaller than 4×4 px"
+        )
+    return rois
 
 
 def rectangle_roi(shapes: Any, image: Any) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) in ``image`` data pixels of the first rectangle of ``shapes``."""
-    types = list(shapes.shape_type)
-    if "rectangle" not in types:
-        raise ValueError(f"{shapes.name!r} has no rectangle; draw one (the training region)")
-    vertices = np.asarray(shapes.data[types.index("rectangle")], dtype=float)
-    pts = np.array([image.world_to_data(shapes.data_to_world(v)) for v in vertices])
-    ys, xs = pts[:, -2], pts[:, -1]
-    shape = layer_array(image).shape
-    h, w = shape[-3:-1] if image.rgb else shape[-2:]
-    y0, y1 = max(0, int(np.floor(ys.min()))), min(h, int(np.ceil(ys.max())))
-    x0, x1 = max(0, int(np.floor(xs.min()))), min(w, int(np.ceil(xs.max())))
-    if y1 - y0 < 4 or x1 - x0 < 4:
-        raise ValueError("the training rectangle is outside the image or smaller than 4×4 px")
-    return y0, y1, x0, x1
+    """The first rectangle of :func:`rectangle_rois`."""
+    return rectangle_rois(shapes, image)[0]
 
 
 def training_arrays(
-    viewer: Any, image: Any, labels: Any, in_channels: int
+    viewer: Any,
+    image: Any,
+    labels: Any,
+    in_channels: int,
+    channels: bool | None = None,
+    channel: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(image (Y,X) or (C,Y,X), labels (Y,X), note) — the displayed plane of stacks."""
-    n_lead, channel_axis = leading_count(image, in_channels)
+    n_lead, channel_axis = leading_count(image, in_channels, channels)
     img = layer_array(image)
     note = ""
     if n_lead:
@@ -62,6 +111,8 @@ def training_arrays(
     img = np.asarray(img)
     if image.rgb:
         img = np.moveaxis(img, -1, 0)
+    if channel is not None and img.ndim == 3:
+        img = img[channel]
     lab = labels.data
     if lab.ndim > 2:
         point = np.asarray(labels.world_to_data(viewer.dims.point))
@@ -78,6 +129,29 @@ def training_arrays(
     return img, lab, note
 
 
+@dataclass(eq=False)
+class DataEntry:
+    """One row of the training list: layers (read when training starts)."""
+
+    image: Any
+    labels: Any
+    regions: Any = None
+    val_regions: Any = None
+    channels: bool | None = None
+    channel: int | None = None
+
+    def describe(self) -> str:
+        where = (
+            f"rectangles of {self.regions.name!r}"
+            if self.regions is not None
+            else ("annotated area")
+        )
+        text = f"{self.image.name} + {self.labels.name}, {where}"
+        if self.val_regions is not None:
+            text += f"; validation: {self.val_regions.name!r}"
+        return text
+
+
 def _warm_up_optimizer() -> None:
     """Create a torch optimizer once: the first one imports torch._dynamo (seconds, and
     GIL-heavy), which would otherwise happen on the first click on Train."""
@@ -86,8 +160,8 @@ def _warm_up_optimizer() -> None:
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
 
-class TrainWidget(QWidget):
-    """Train the model on an image + instance labels (+ a rectangle region)."""
+class TrainWidget(Panel):
+    """Train the model on (image, annotation, regions) entries."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
@@ -95,92 +169,188 @@ class TrainWidget(QWidget):
         self.state = get_state(napari_viewer)
         self.job: Job | None = None
         self.history: Any = None
+        self.summary: Any = None
         self.trained_model: Any = None
+        self.trained_entry: Any = None
         self.timings: dict[str, float] = {}
         self.last_roi: tuple[int, int, int, int] | None = None
+        self.last_rois: list[list[tuple[int, int, int, int]] | None] = []
+        self.last_layers: dict[str, Any] = {}
+        self.entries: list[DataEntry] = []
         self._defaults: dict[str, dict[str, Any]] = {}
 
         self.model_label = status_label()
+        # --- data
         self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
+        self.channels = ChannelPicker()
         self.labels = LayerCombo(napari_viewer, ["labels"])
+        self.labels.setToolTip(
+            "Your annotation: a Labels layer with one id per object. Inside a training "
+            "region every object must be painted (unpainted pixels are background)."
+        )
         self.region = LayerCombo(napari_viewer, ["shapes"], optional=True)
         self.region.setToolTip(
-            "Optional: the first rectangle of this Shapes layer is the training region. "
-            "Default: the bounding box of the annotations. Annotate every cell inside it."
+            "A Shapes layer: every rectangle in it is a training region (annotate all "
+            "objects inside each). (none) = the annotated area (bounding box of the "
+            "annotation + 16 px). Outside the regions nothing is learned."
         )
+        self.add_entry = QPushButton("Add to the list")
+        self.add_entry.setToolTip(
+            "Keep this image + annotation + regions and add another (other images, other "
+            "annotations). With an empty list the selection above is trained on."
+        )
+        self.remove_entry = QPushButton("Remove")
+        self.entry_list = QListWidget()
+        self.entry_list.setMaximumHeight(80)
+        self.entry_list.setVisible(False)
+        # --- validation
+        self.validation = QComboBox()
+        self.validation.addItems(list(VALIDATION))
+        self.validation.setCurrentText("held-out objects")
+        self.validation.setToolTip(
+            "How the training is checked on objects it never learns from:\n"
+            "none — no score;\n"
+            "held-out objects — a fraction of the annotated objects is set aside;\n"
+            "a region of its own — the rectangles of another Shapes layer (annotate all "
+            "objects inside). No score is shown for fewer than 5 objects."
+        )
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.05, 0.9)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.2)
+        self.val_fraction.setToolTip("Share of the annotated objects set aside for validation")
+        self.val_region = LayerCombo(napari_viewer, ["shapes"], optional=True)
+        self.val_region.setToolTip(
+            "Shapes layer whose rectangles are validation regions (never trained on)"
+        )
+        # --- model and budget
         self.start_from = QComboBox()
         self.start_from.addItem(CURRENT)
+        self.start_from.setToolTip(
+            "Fine-tune: start from the selected model (it stays unchanged in the list; "
+            "the result is added as a new model). new …: start from scratch."
+        )
         self.width = QSpinBox()
         self.width.setRange(1, 1024)
         self.width.setValue(16)
+        self.width.setToolTip("Base width of a new network (feature channels of the first level)")
         self.depth = QSpinBox()
         self.depth.setRange(1, 8)
         self.depth.setValue(3)
+        self.depth.setToolTip("Depth of a new network (how many times it halves the image)")
         self.loss = QComboBox()
         self.loss.addItems(LOSSES)
+        self.loss.setToolTip("What training minimises; ce_dice suits most nuclei/cell data")
         self.budget_kind = QComboBox()
-        self.budget_kind.addItems(["seconds", "epochs"])
+        self.budget_kind.addItems(list(BUDGETS))
+        self.budget_kind.setToolTip(
+            "steps (default): a fixed amount of work, the same result on a busy or idle "
+            "computer; epochs: 20 steps each; seconds: a time limit (depends on the load)"
+        )
         self.budget = QSpinBox()
         self.budget.setRange(1, 1_000_000)
-        self.budget.setValue(30)
+        self.budget.setValue(BUDGET_DEFAULTS["steps"])
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-4)
         self.lr.setValue(1e-3)
+        self.lr.setToolTip("Learning rate: how big each training step is (1e-3 is a safe start)")
         self.batch = QSpinBox()
         self.batch.setRange(1, 256)
         self.batch.setValue(4)
+        self.batch.setToolTip("Patches per training step")
         self.patch = QSpinBox()
         self.patch.setRange(16, 2048)
         self.patch.setSingleStep(16)
         self.patch.setValue(128)
         self.patch.setSuffix(" px")
+        self.patch.setToolTip("Size of the square image pieces the network learns from")
+        self.precision = QComboBox()
+        self.precision.addItems(list(PRECISIONS))
+        self.precision.setToolTip(
+            "Number format: auto = bf16 (faster, same quality) where the GPU or CPU has "
+            "bf16 units, else fp32"
+        )
         self.augment = QCheckBox("augmentation (flips, rotations, elastic, intensity)")
         self.augment.setChecked(True)
+        self.augment.setToolTip("Show the network varied copies of the patches (recommended)")
         self.predict_after = QCheckBox("predict the image when done")
         self.predict_after.setChecked(True)
         self.plot = LossPlot()
         self.controls = RunControls("Train")
         self.status = status_label()
 
-        form = QFormLayout()
-        form.addRow("image", self.image)
-        form.addRow("labels", self.labels)
-        form.addRow("region", self.region)
-        form.addRow("start from", self.start_from)
-        form.addRow("base width", self.width)
-        form.addRow("depth", self.depth)
-        form.addRow("loss", self.loss)
+        data_box = QGroupBox("Training data")
+        dform = QFormLayout(data_box)
+        dform.addRow("image", self.image)
+        dform.addRow("", self.channels)
+        dform.addRow(term("annotation", self.labels.toolTip()), self.labels)
+        dform.addRow(term("regions", self.region.toolTip()), self.region)
+        entry_buttons = QHBoxLayout()
+        entry_buttons.addWidget(self.add_entry)
+        entry_buttons.addWidget(self.remove_entry)
+        dform.addRow(entry_buttons)
+        dform.addRow(self.entry_list)
+        val_row = QHBoxLayout()
+        val_row.addWidget(self.validation, 1)
+        val_row.addWidget(self.val_fraction)
+        val_row.addWidget(self.val_region, 1)
+        dform.addRow(term("validation", self.validation.toolTip()), val_row)
+
+        train_box = QGroupBox("Training")
+        form = QFormLayout(train_box)
+        form.addRow(term("start from", self.start_from.toolTip()), self.start_from)
+        size_row = QHBoxLayout()
+        size_row.addWidget(self.width)
+        size_row.addWidget(term("depth", self.depth.toolTip()))
+        size_row.addWidget(self.depth)
+        form.addRow(term("base width", self.width.toolTip()), size_row)
+        form.addRow(term("loss", self.loss.toolTip()), self.loss)
         budget = QHBoxLayout()
         budget.addWidget(self.budget)
         budget.addWidget(self.budget_kind)
-        form.addRow("train for", budget)
-        form.addRow("learning rate", self.lr)
-        form.addRow("batch", self.batch)
-        form.addRow("patch size", self.patch)
+        form.addRow(term("train for", self.budget_kind.toolTip()), budget)
+        rates = QHBoxLayout()
+        rates.addWidget(self.lr)
+        rates.addWidget(term("batch", self.batch.toolTip()))
+        rates.addWidget(self.batch)
+        form.addRow(term("learning rate", self.lr.toolTip()), rates)
+        patch_row = QHBoxLayout()
+        patch_row.addWidget(self.patch)
+        patch_row.addWidget(term("precision", self.precision.toolTip()))
+        patch_row.addWidget(self.precision)
+        form.addRow(term("patch size", self.patch.toolTip()), patch_row)
         form.addRow("", self.augment)
         form.addRow("", self.predict_after)
+
         buttons = QHBoxLayout()
         buttons.addWidget(self.controls.run)
         buttons.addWidget(self.controls.cancel)
-        layout = QVBoxLayout(self)
+        layout: QVBoxLayout = self.body_layout
         layout.addWidget(self.model_label)
-        layout.addLayout(form)
+        layout.addWidget(data_box)
+        layout.addWidget(train_box)
         layout.addLayout(buttons)
         layout.addWidget(self.controls.progress)
-        layout.addWidget(self.plot)
         layout.addWidget(self.status)
+        layout.addWidget(self.plot)
         layout.addStretch(1)
 
         self.controls.run.clicked.connect(self.run)
         self.controls.cancel.clicked.connect(self.cancel)
+        self.add_entry.clicked.connect(self.add_current_entry)
+        self.remove_entry.clicked.connect(self._remove_entry)
         self.start_from.currentTextChanged.connect(self._on_start_from)
         self.budget_kind.currentTextChanged.connect(self._on_budget_kind)
+        self.validation.currentTextChanged.connect(self._on_validation)
+        self.image.currentIndexChanged.connect(self._update_channels)
         self.state.model_changed.connect(self._on_model_changed)
         self.state.loading_changed.connect(self._on_model_changed)
         self._on_start_from(CURRENT)
+        self._on_validation(self.validation.currentText())
         self._on_model_changed()
+        self._update_entries()
         self._start_engine()
         self.state.ensure_model()
 
@@ -209,65 +379,181 @@ class TrainWidget(QWidget):
                 self.loss.setItemData(i, description, 3)  # Qt.ToolTipRole
             self.loss.setCurrentText(current)
 
-        start_job(work, on_done=done, on_error=self._on_error)
+        start_job(work, owner=self, on_done=done, on_error=self._on_error, name="train setup")
+
+    def _fresh_defaults(self, name: str) -> dict[str, Any]:
+        from ._model import new_model_defaults
+
+        return new_model_defaults(self.state, self._defaults.get(name, {}), name)
 
     def _on_start_from(self, text: str) -> None:
         fresh = text.startswith(FRESH_PREFIX)
-        defaults = self._defaults.get(text[len(FRESH_PREFIX) :], {}) if fresh else {}
-        self.width.setEnabled(fresh and ("base_channels" in defaults or "embed_dim" in defaults))
+        defaults = self._fresh_defaults(text[len(FRESH_PREFIX) :]) if fresh else {}
+        width_key = next((k for k in ("base_channels", "embed_dim") if k in defaults), None)
+        self.width.setEnabled(fresh and width_key is not None)
         self.depth.setEnabled(fresh and "depth" in defaults)
+        if width_key:
+            self.width.setValue(int(defaults[width_key]))
+        if "depth" in defaults:
+            self.depth.setValue(int(defaults["depth"]))
 
     def _on_budget_kind(self, kind: str) -> None:
-        self.budget.setValue(30 if kind == "seconds" else 10)
+        self.budget.setValue(BUDGET_DEFAULTS[kind])
+
+    def _on_validation(self, text: str) -> None:
+        mode = VALIDATION[text]
+        self.val_fraction.setVisible(mode == "objects")
+        self.val_region.setVisible(mode == "regions")
 
     def _on_model_changed(self, *_: Any) -> None:
         if not alive(self):
             return
         text, kind = model_line(self.state)
         set_status(self.model_label, text, kind)
+        self._update_channels()
+
+    def _in_channels(self) -> int:
+        model = self.state.model
+        fresh = self.start_from.currentText().startswith(FRESH_PREFIX)
+        return model.in_channels if model is not None and not fresh else 1
+
+    def _update_channels(self, *_: Any) -> None:
+        if alive(self):
+            self.channels.update_for(self.image.layer(), self._in_channels())
+
+    # ---------------------------------------------------------------- entries
+    def current_entry(self) -> DataEntry | None:
+        image, labels = self.image.layer(), self.labels.layer()
+        if image is None or labels is None:
+            return None
+        self._update_channels()
+        mode = VALIDATION[self.validation.currentText()]
+        return DataEntry(
+            image=image,
+            labels=labels,
+            regions=self.region.layer(),
+            val_regions=self.val_region.layer() if mode == "regions" else None,
+            channels=self.channels.channels(),
+            channel=self.channels.channel_index(),
+        )
+
+    def add_current_entry(self) -> DataEntry | None:
+        """Add the selected image + annotation + regions to the training list."""
+        entry = self.current_entry()
+        if entry is None:
+            set_status(self.status, "Choose an image and an annotation first.", "warn")
+            return None
+        self.entries.append(entry)
+        self._update_entries()
+        return entry
+
+    def _remove_entry(self) -> None:
+        row = self.entry_list.currentRow()
+        if 0 <= row < len(self.entries):
+            del self.entries[row]
+        elif self.entries:
+            self.entries.pop()
+        self._update_entries()
+
+    def _update_entries(self) -> None:
+        self.entry_list.clear()
+        for e in self.entries:
+            self.entry_list.addItem(e.describe())
+        self.entry_list.setVisible(bool(self.entries))
+        self.remove_entry.setEnabled(bool(self.entries))
 
     # -------------------------------------------------------------------- run
     def settings(self) -> dict[str, Any]:
-        budget = self.budget.value()
+        budget, kind = self.budget.value(), self.budget_kind.currentText()
+        mode = VALIDATION[self.validation.currentText()]
         return {
             "loss": self.loss.currentText(),
-            "epochs": budget if self.budget_kind.currentText() == "epochs" else None,
-            "seconds": float(budget) if self.budget_kind.currentText() == "seconds" else None,
+            "steps": budget if kind == "steps" else None,
+            "epochs": budget if kind == "epochs" else None,
+            "seconds": float(budget) if kind == "seconds" else None,
             "lr": self.lr.value(),
             "batch_size": self.batch.value(),
             "patch_size": self.patch.value(),
             "augment": self.augment.isChecked(),
+            "validation": mode,
+            "val_fraction": self.val_fraction.value() if mode == "objects" else 0.2,
+            "precision": self.precision.currentText(),
         }
+
+    def _engine_entries(self, entries: list[DataEntry], in_ch: int) -> tuple[list[Any], str]:
+        """(TrainingEntry-like tuples, note) from the layers, read now (GUI thread)."""
+        out, notes = [], []
+        self.last_rois = []
+        for e in entries:
+            img, lab, note = training_arrays(
+                self.viewer, e.image, e.labels, in_ch, e.channels, e.channel
+            )
+            rois = rectangle_rois(e.regions, e.image) if e.regions is not None else None
+            val = rectangle_rois(e.val_regions, e.image) if e.val_regions is not None else []
+            self.last_rois.append(rois)
+            out.append(
+                {
+                    "image": img,
+                    "labels": lab,
+                    "regions": rois,
+                    "val_regions": val,
+                    "name": e.image.name,
+                }
+            )
+            if note:
+                notes.append(e.image.name + note)
+        return out, "; ".join(notes)
 
     def run(self) -> Job | None:
         """Start training a copy of the current (or a new) model; returns the job."""
         if self.job is not None and self.job.running:
             return None
         self.timings = {"clicked": time.perf_counter()}
-        image, labels, shapes = self.image.layer(), self.labels.layer(), self.region.layer()
-        if image is None or labels is None:
-            set_status(self.status, "Choose an image and a labels layer.", "warn")
+        entries = list(self.entries)
+        if not entries:
+            current = self.current_entry()
+            if current is None:
+                set_status(self.status, "Choose an image and an annotation layer.", "warn")
+                return None
+            entries = [current]
+        settings = self.settings()
+        if settings["validation"] == "regions" and not any(
+            e.val_regions is not None for e in entries
+        ):
+            set_status(
+                self.status,
+                "Validation 'a region of its own': choose the Shapes layer with the "
+                "validation rectangle(s).",
+                "warn",
+            )
             return None
         start = self.start_from.currentText()
         base = self.state.model
+        base_entry = self.state.current
         if start == CURRENT and base is None:
             set_status(self.status, "The model is still loading; try again in a moment.", "warn")
             return None
         fresh = start[len(FRESH_PREFIX) :] if start.startswith(FRESH_PREFIX) else None
         in_ch = base.in_channels if base is not None and fresh is None else 1
         try:
-            img, lab, note = training_arrays(self.viewer, image, labels, in_ch)
-            roi = rectangle_roi(shapes, image) if shapes is not None else None
+            data, note = self._engine_entries(entries, in_ch)
+            target = entries[0]
             request = (
-                make_request(self.viewer, image, in_ch, current_slice=True)
+                make_request(
+                    self.viewer,
+                    target.image,
+                    in_ch,
+                    current_slice=True,
+                    channels=target.channels,
+                    channel=target.channel,
+                )
                 if self.predict_after.isChecked()
                 else None
             )
         except ValueError as exc:
             set_status(self.status, str(exc), "error")
             return None
-        settings = self.settings()
-        self.last_roi = roi
+        self.last_roi = (self.last_rois[0] or [None])[0] if self.last_rois else None
         device = self.state.device
         fresh_cfg: dict[str, Any] = {}
         if fresh is not None:
@@ -278,30 +564,29 @@ class TrainWidget(QWidget):
             if "depth" in defaults:
                 fresh_cfg["depth"] = self.depth.value()
         classes = base.num_classes if base is not None else 3
+        fresh_in = int(data[0]["image"].shape[0]) if data[0]["image"].ndim == 3 else 1
 
         def work(report: Any, cancel: Any) -> tuple[Any, Any, Any]:
             import copy
 
-            from ..training import train
+            from ..training import TrainingEntry, train
 
             if fresh is None:
-                model = copy.deepcopy(base)  # Cancel or failure never touch the current model
+                model = copy.deepcopy(base)  # Cancel or failure never touch the listed model
             else:
                 from ..models import build_model
 
-                model = build_model(fresh, 1, classes, **fresh_cfg)
+                model = build_model(fresh, fresh_in, classes, **fresh_cfg)
             history = train(
                 model,
-                img,
-                lab,
-                roi=roi,
+                [TrainingEntry(**d) for d in data],
                 device=device,
                 callback=lambda ev: report(("train", ev)),
                 cancel=cancel,
                 **settings,
             )
             prediction = None
-            if request is not None and not history.cancelled:
+            if request is not None and not history.cancelled and not cancel.is_set():
                 report(("stage", "predicting"))
                 prediction = run_prediction(
                     model,
@@ -309,24 +594,27 @@ class TrainWidget(QWidget):
                     labels_mode="instance",
                     probabilities=False,
                     device=device,
+                    report=lambda item: report(item) if item[0] == "post" else None,
                     cancel=cancel,
                 )
             return model, history, prediction
 
         self.plot.clear()
-        self.history = None
+        self.history = self.summary = None
         self.controls.busy(True)
         self.controls.fraction(0.0, "preparing…")
-        where = f"region {roi}" if roi else "annotated area"
-        set_status(self.status, f"Training on {image.name!r}{note}, {where}…")
+        names = ", ".join(dict.fromkeys(e.image.name for e in entries))
+        set_status(self.status, f"Preparing {names}{' (' + note + ')' if note else ''}…")
         self.job = start_job(
             work,
+            owner=self,
             on_progress=self._on_progress,
-            on_done=lambda res: self._on_done(request, fresh, settings, *res),
+            on_done=lambda res: self._on_done(request, fresh, base_entry, settings, *res),
             on_error=self._on_error,
             on_cancelled=self._on_cancelled,
             on_finished=self._on_finished,
             interval=0.25,
+            name="train",
         )
         return self.job
 
@@ -342,63 +630,118 @@ class TrainWidget(QWidget):
         last_step = None
         for item in items:
             if item[0] == "stage":
-                set_status(self.status, item[1][:1].upper() + item[1][1:] + "…")
+                set_status(
+                    self.status, self._summary_line() + item[1][:1].upper() + item[1][1:] + "…"
+                )
                 self.controls.fraction(1.0, item[1])
                 continue
+            if item[0] == "post":
+                self.controls.fraction(1.0, "separating objects…")
+                continue
             ev = item[1]
-            if ev["kind"] == "step":
+            if ev["kind"] == "start":
+                self.summary = ev["summary"]
+                self.plot.set_validation(self._val_name(), self.summary.scored)
+                set_status(self.status, "Training on " + self.summary.describe())
+            elif ev["kind"] == "step":
                 self.timings.setdefault("first_step", time.perf_counter())
                 self.plot.add_loss(ev["step"], ev["loss"])
                 last_step = ev
             elif ev["kind"] == "epoch":
-                step = self.plot.steps[-1] if self.plot.steps else 0
-                self.plot.add_val(step, ev.get("val_f1"))
+                self.plot.add_val(
+                    ev.get("step", self.plot.steps[-1] if self.plot.steps else 0), ev.get("val_f1")
+                )
                 f1 = ev.get("val_f1")
-                score = f", validation F1 {f1:.2f}" if f1 is not None else ""
+                score = f", {self._val_name()} {f1:.2f}" if f1 is not None else ""
                 loss = ev.get("loss")
                 loss_text = f"loss {loss:.3f}" if loss is not None else ""
-                set_status(self.status, f"Epoch {ev['epoch']}: {loss_text}{score}")
+                set_status(
+                    self.status, self._summary_line() + f"Epoch {ev['epoch']}: {loss_text}{score}"
+                )
         if last_step is not None:
+            total = last_step.get("total_steps")
+            of = f"/{total}" if total else ""
             self.controls.fraction(
                 last_step["fraction"],
-                f"epoch {last_step['epoch'] + 1}, step {last_step['step']}, "
-                f"{last_step['elapsed']:.0f} s",
+                f"step {last_step['step']}{of}, {last_step['elapsed']:.0f} s",
             )
         self.plot.update()
+
+    def _val_name(self) -> str:
+        from ..training.data import MIN_VAL_OBJECTS
+
+        s = self.summary
+        if s is None:
+            return "validation"
+        if s.validation == "none":
+            return "no validation (none chosen)"
+        if not s.scored:
+            return f"no validation score: {s.val_objects} objects, fewer than {MIN_VAL_OBJECTS}"
+        where = "held-out" if s.validation == "objects" else "validation-region"
+        return f"F1@0.5 on {s.val_objects} {where} objects"
+
+    def _summary_line(self) -> str:
+        s = self.summary
+        if s is None:
+            return ""
+        return (
+            f"{s.images} image{'s' if s.images != 1 else ''}, {s.regions} "
+            f"region{'s' if s.regions != 1 else ''}, {s.objects} objects, "
+            f"{s.pixels:,} pixels. "
+        )
 
     def _on_done(
         self,
         request: Any,
         fresh: str | None,
+        base_entry: Any,
         settings: dict[str, Any],
         model: Any,
         history: Any,
         prediction: Any,
     ) -> None:
         self.history, self.trained_model = history, model
+        self.summary = getattr(history, "data", self.summary)
         self.timings["trained"] = time.perf_counter()
-        n_ep, secs = len(history.epochs), history.seconds
-        origin = f"new {fresh}" if fresh else "fine-tuned"
-        self.state.set_model(
-            model, f"trained here ({origin}, {settings['loss']}, {n_ep} epochs, {secs:.0f} s)"
+        steps, secs = len(history.losses), history.seconds
+        origin = f"new {fresh}" if fresh else f"fine-tuned from {base_entry.label}"
+        summary = dict(getattr(model, "training_summary", None) or {})
+        if self.summary is not None:
+            summary.update(
+                images=self.summary.images,
+                regions=self.summary.regions,
+                objects=self.summary.objects,
+                pixels=self.summary.pixels,
+            )
+        entry = self.state.add_model(
+            model,
+            f"trained here ({origin}, {steps} steps, {secs:.0f} s)",
+            kind="trained",
+            summary=summary,
         )
-        text = f"Done: {len(history.losses)} steps in {secs:.1f} s"
+        self.trained_entry = entry
+        text = f"Done: {entry.label}, {self._summary_line()}{steps} steps in {secs:.1f} s"
         last = history.epochs[-1] if history.epochs else {}
         if last.get("val_f1") is not None:
-            text += f", validation F1 {last['val_f1']:.2f}"
+            text += f"; {self._val_name()}: {last['val_f1']:.2f}"
+        elif self.summary is not None and self.summary.val_note:
+            text += f". {self.summary.val_note}"
         if history.diverged:
             text += " (loss diverged: kept the last good weights)"
+        self.last_layers = {}
         if prediction is not None and request is not None and request.source in self.viewer.layers:
-            write_results(self.viewer, request, model, prediction, "instance")
+            self.last_layers = write_results(
+                self.viewer, request, model, prediction, "instance", label=entry.label
+            )
             self.timings["predicted"] = time.perf_counter()
-            text += f"; predicted {prediction['n_labels']} objects"
+            text += f"; predicted {prediction['n_labels']} objects into a new layer"
         set_status(self.status, text + ". Predict now uses this model.", "ok")
         self.controls.fraction(1.0, "done")
 
     def _on_cancelled(self, result: Any) -> None:
         if alive(self):
             set_status(
-                self.status, "Cancelled: the current model and the layers are unchanged.", "warn"
+                self.status, "Cancelled: the model list and the layers are unchanged.", "warn"
             )
             self.controls.fraction(0.0, "cancelled")
 
