@@ -33,6 +33,8 @@ _LAZY = {
     "load_pretrained": "napari_unet.models.pretrained",
     "list_pretrained": "napari_unet.models.pretrained",
     "compare_models": "napari_unet.compare",
+    "segment_stack": "napari_unet.volume",
+    "export_bioimageio": "napari_unet.bioimageio",
 }
 
 # public functions that share their name with the submodule defining them
