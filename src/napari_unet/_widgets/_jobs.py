@@ -272,21 +272,14 @@ def attached(widget: Any) -> bool:
 
 
 class _OwnerFilter(QObject):
-    """Drops the jobs of a widget when napari takes it out of its dock (the dock's ×)."""
+    """Drops the jobs of a widget when napari takes it out of its dock (the dock's ×):
+    ``remove_dock_widget`` un-parents the widget (``setParent(None)``)."""
 
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt)
-        if event.type() == QEvent.Type.ParentChange and _was_attached(obj):
-            if not attached(obj):
-                drop_jobs(owner=obj)
-                _closed(obj)
+        if event.type() == QEvent.Type.ParentChange and _parent(obj) is None:
+            drop_jobs(owner=obj)
+            _closed(obj)
         return False
-
-
-def _was_attached(obj: Any) -> bool:
-    now = attached(obj)
-    before = getattr(obj, "_napari_unet_attached", False)
-    obj._napari_unet_attached = now or before
-    return before
 
 
 def _closed(obj: Any) -> None:
@@ -306,7 +299,6 @@ def watch_owner(widget: Any) -> None:
     if _OWNER_FILTER is None:
         _OWNER_FILTER = _OwnerFilter()
     widget._napari_unet_watched = True
-    widget._napari_unet_attached = attached(widget)
     widget.installEventFilter(_OWNER_FILTER)
 
 

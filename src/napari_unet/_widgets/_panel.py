@@ -12,6 +12,7 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QFrame, QScrollArea, QTabWidget, QVBoxLayout, QWidget
 
 from ._common import Panel
+from ._compare import CompareWidget
 from ._inspect import InspectWidget
 from ._jobs import watch_owner
 from ._model import ModelWidget
@@ -27,13 +28,22 @@ TAB_TIPS = {
 }
 
 
-def _compare_widget() -> Any:
-    """The Compare widget when this installation has it (model zoo), else None."""
-    try:
-        from ._compare import CompareWidget  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return CompareWidget
+class CompareDock(CompareWidget):
+    """The Compare widget as its own dock, its content in a scroll area (so it fits)."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(napari_viewer)
+        make_scrolling(self)
+
+
+def make_scrolling(widget: QWidget) -> QWidget:
+    """Move ``widget``'s content into a vertical scroll area inside it (same attributes)."""
+    body = QWidget()
+    body.setLayout(widget.layout())  # re-parents the layout and its widgets to ``body``
+    layout = QVBoxLayout(widget)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(_scrolling(body))
+    return widget
 
 
 class UNetPanel(QWidget):
@@ -51,9 +61,7 @@ class UNetPanel(QWidget):
             "Train": TrainWidget(napari_viewer),
             "Inspect": InspectWidget(napari_viewer),
         }
-        compare = _compare_widget()
-        if compare is not None:
-            self.widgets["Compare"] = compare(napari_viewer)
+        self.widgets["Compare"] = CompareWidget(napari_viewer)
         for name, widget in self.widgets.items():
             page = widget if isinstance(widget, Panel) else _scrolling(widget)
             index = self.tabs.addTab(page, name)
