@@ -1,4 +1,4 @@
-"""Trainer: loss goes down, beats chance on held-back pixels, sparse ROI, cancel, determinism."""
+"""Trainer: loss goes down, regions and entries, validation modes, step budget, safety, bf16."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from napari_unet.checkpoint import load_model, save_model
 from napari_unet.models import build_model
 from napari_unet.predict import predict
 from napari_unet.synthetic import synthetic_nuclei
-from napari_unet.training import default_roi, parse_roi, train
+from napari_unet.training import (
+    MIN_VAL_OBJECTS,
+    TrainingEntry,
+    as_entries,
+    default_roi,
+    parse_roi,
+    train,
+)
+from napari_unet.training.data import prepare_entry, region_objects
 from napari_unet.weightmap import targets_from_instances
 
 
@@ -184,3 +192,227 @@ def test_every_family_trains_with_its_loss(scene, name, loss, cfg):
         val_fraction=0.0,
     )
     assert len(history.losses) == 2 and all(np.isfinite(history.losses))
+
+
+# ------------------------------------------------------------------ entries, regions, budget
+def _same_weights(a, b) -> bool:
+    return all(
+        torch.equal(va, vb) for va, vb in zip(a.state_dict().values(), b.state_dict().values())
+    )
+
+
+def _twins():
+    a, b = tiny(), tiny()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+FAST = dict(steps=4, batch_size=2, patch_size=64, validation="none", seed=2, augment=False)
+
+
+def test_every_rectangle_is_used(scene):
+    img, lab = scene
+    first, second = (0, 64, 0, 64), (64, 128, 128, 192)
+    changed = lab.copy()
+    changed[64:128, 128:192] = 0  # annotations differ only inside the second rectangle
+    changed[80:100, 150:170] = 500
+    a, b = _twins()
+    ha = train(a, TrainingEntry(img, lab, [first, second]), **FAST)
+    train(b, TrainingEntry(img, changed, [first, second]), **FAST)
+    assert not _same_weights(a, b)  # the second rectangle's annotations change the result
+    c, d = _twins()
+    train(c, TrainingEntry(img, lab, [first]), **FAST)
+    train(d, TrainingEntry(img, changed, [first]), **FAST)
+    assert _same_weights(c, d)  # without the second rectangle they are ignored
+    both = np.unique(lab[0:64, 0:64]).size - 1 + np.unique(lab[64:128, 128:192]).size - 1
+    assert ha.data.regions == 2 and ha.data.images == 1
+    ids = set(np.unique(lab[0:64, 0:64])) | set(np.unique(lab[64:128, 128:192]))
+    assert ha.data.objects == len(ids - {0})
+    assert ha.data.objects <= both
+    assert ha.data.pixels == 2 * 64 * 64
+
+
+def test_several_images_and_the_start_event(scene):
+    img, lab = scene
+    img2, lab2 = synthetic_nuclei((96, 96), density=0.3, seed=5)
+    events = []
+    history = train(
+        tiny(),
+        [TrainingEntry(img, lab, [(0, 64, 0, 64)], name="a"), (img2, lab2)],
+        callback=events.append,
+        **FAST,
+    )
+    start = events[0]
+    assert start["kind"] == "start" and start["images"] == 2 and start["regions"] == 2
+    summary = start["summary"]
+    assert summary is history.data
+    assert summary.objects == sum(p["objects"] for p in summary.per_image) > 0
+    assert summary.per_image[0]["name"] == "a"
+    assert "2 images, 2 regions" in summary.describe()
+    assert [e["kind"] for e in events].count("step") == 4
+
+
+def test_backwards_compatible_roi_forms(scene):
+    img, lab = scene
+    one = as_entries(img, lab, (0, 64, 0, 64))
+    assert len(one) == 1 and one[0].regions == [(0, 64, 0, 64)]
+    two_rects = as_entries(img, lab, [(0, 64, 0, 64), (64, 128, 0, 64)])
+    assert len(two_rects) == 1 and len(two_rects[0].regions) == 2
+    per_image = as_entries([img, img], [lab, lab], [(0, 64, 0, 64), None])
+    assert per_image[0].regions == [(0, 64, 0, 64)] and per_image[1].regions is None
+
+
+def test_step_budget_is_deterministic(scene):
+    img, lab = scene
+    a, b = _twins()
+    kw = dict(steps=7, steps_per_epoch=3, batch_size=2, patch_size=64, validation="none", seed=4)
+    ha, hb = train(a, img, lab, **kw), train(b, img, lab, seconds=1e6, **kw)
+    assert ha.losses == hb.losses and len(ha.losses) == 7 and len(ha.epochs) == 3
+    assert _same_weights(a, b)
+    h = train(tiny(), img, lab, epochs=2, steps_per_epoch=3, batch_size=2, patch_size=64)
+    assert len(h.losses) == 6
+
+
+# ------------------------------------------------------------------------ validation
+def _scene_many():
+    return synthetic_nuclei((192, 192), density=0.35, seed=11)
+
+
+def test_validation_none_and_too_few_objects(scene):
+    img, lab = scene
+    events = []
+    h = train(tiny(), img, lab, validation="none", steps=2, patch_size=64, callback=events.append)
+    assert h.data.validation == "none" and h.epochs[-1]["val_f1"] is None
+    # 20 % of the objects in a small region is fewer than 5: nothing held out, and why
+    small = (0, 48, 0, 48)
+    n = region_objects(TrainingEntry(img, lab, [small]))[0]
+    assert round(0.2 * n) < MIN_VAL_OBJECTS
+    h = train(tiny(), img, lab, roi=small, steps=2, patch_size=64, batch_size=2)
+    assert h.data.validation == "none" and "fewer than 5" in h.data.val_note
+    assert h.data.objects == n and h.epochs[-1]["val_f1"] is None
+
+
+def test_validation_held_out_objects(scene):
+    img, lab = _scene_many()
+    entry = TrainingEntry(img, lab)
+    data = prepare_entry(
+        entry,
+        num_classes=3,
+        in_channels=1,
+        norm={"method": "percentile", "low": 1.0, "high": 99.8},
+        weight_map=False,
+        device=torch.device("cpu"),
+        val_fraction=0.3,
+    )
+    held = np.unique(data.val_labels[data.val_labels > 0])
+    assert len(held) == data.val_objects >= MIN_VAL_OBJECTS
+    ignore = data.ignore.numpy()
+    assert ignore[np.isin(lab, held)].all()  # held-out cells are never trained on
+    assert data.objects + len(held) == np.unique(lab[lab > 0]).size
+    events = []
+    h = train(tiny(), img, lab, validation=0.3, steps=2, patch_size=64, callback=events.append)
+    ep = [e for e in events if e["kind"] == "epoch"][-1]
+    assert h.data.validation == "objects" and h.data.scored
+    assert 0.0 <= ep["val_f1"] <= 1.0 and ep["val_objects"] == h.data.val_objects >= 5
+    assert f"on {h.data.val_objects} held-out objects" in ep["val_note"]
+
+
+def test_validation_region_of_its_own(scene):
+    img, lab = _scene_many()
+    train_rect, val_rect = (0, 192, 0, 96), (0, 192, 112, 192)
+    changed = lab.copy()
+    changed[0:192, 112:192] = 0  # different annotations inside the validation region only
+    a, b = _twins()
+    kw = dict(steps=3, batch_size=2, patch_size=64, augment=False, seed=3)
+    ha = train(a, TrainingEntry(img, lab, [train_rect], [val_rect]), **kw)
+    train(b, TrainingEntry(img, changed, [train_rect], [val_rect]), **kw)
+    assert _same_weights(a, b)  # validation pixels are never trained on
+    assert ha.data.validation == "regions" and ha.data.val_objects >= MIN_VAL_OBJECTS
+    assert ha.epochs[-1]["val_f1"] is not None
+    tiny_val = (0, 40, 150, 190)
+    few = TrainingEntry(img, lab, [train_rect], [tiny_val])
+    h = train(tiny(), few, **kw)
+    assert h.data.val_objects < MIN_VAL_OBJECTS and h.epochs[-1]["val_f1"] is None
+    assert "No validation score" in h.data.val_note
+    with pytest.raises(ValueError, match="validation"):
+        train(tiny(), img, lab, validation="regions", steps=1)
+
+
+# ------------------------------------------------------------------ #16 item 12: edge cases
+@pytest.mark.parametrize("shape", [(40, 50), (9, 30), (3, 3)])
+def test_small_images_train(shape):
+    rng = np.random.default_rng(0)
+    img = rng.random(shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint16)
+    lab[1 : shape[0] - 1, 1 : max(2, shape[1] // 2)] = 1
+    h = train(
+        tiny(), img, lab, roi=(0, shape[0], 0, shape[1]), steps=2, batch_size=2, validation="none"
+    )
+    assert len(h.losses) == 2 and np.isfinite(h.losses).all()
+
+
+def test_zero_epochs_train_nothing(scene):
+    img, lab = scene
+    a, b = _twins()
+    events = []
+    h = train(a, img, lab, epochs=0, callback=events.append)
+    assert h.steps == 0 and h.epochs == [] and _same_weights(a, b)
+    assert [e["kind"] for e in events] == ["start"]
+    assert train(a, img, lab, steps=0).steps == 0 and _same_weights(a, b)
+    with pytest.raises(ValueError, match="epochs"):
+        train(a, img, lab, epochs=-1)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_mid_epoch_restores_the_last_good_weights(scene, exc):
+    img, lab = scene
+    model = tiny()
+    snapshot = {}
+
+    def callback(event):
+        if event["kind"] == "epoch" and event["epoch"] == 1:
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+        if event["kind"] == "step" and event["step"] == 5:
+            raise exc
+
+    with pytest.raises(type(exc)):
+        train(
+            model,
+            img,
+            lab,
+            steps=9,
+            steps_per_epoch=3,
+            batch_size=2,
+            patch_size=64,
+            validation="none",
+            callback=callback,
+        )
+    assert snapshot
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_exception_in_the_first_epoch_restores_the_initial_weights(scene):
+    img, lab = scene
+    a, b = _twins()
+
+    def callback(event):
+        if event["kind"] == "step" and event["step"] == 2:
+            raise ValueError("callback failed")
+
+    with pytest.raises(ValueError, match="callback failed"):
+        train(a, img, lab, steps=5, batch_size=2, patch_size=64, callback=callback)
+    assert _same_weights(a, b)
+
+
+# ------------------------------------------------------------------------ precision
+def test_bf16_training_gives_finite_losses(scene):
+    img, lab = scene
+    h = train(
+        tiny(), img, lab, steps=3, batch_size=2, patch_size=64, precision="bf16", validation="none"
+    )
+    assert h.settings["precision"] == "bf16" and np.isfinite(h.losses).all()
+    h32 = train(
+        tiny(), img, lab, steps=1, batch_size=2, patch_size=64, precision="fp32", validation="none"
+    )
+    assert h32.settings["precision"] == "fp32"

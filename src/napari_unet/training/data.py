@@ -75,11 +75,11 @@ def default_roi(labels: np.ndarray, margin: int = DEFAULT_MARGIN) -> Rect:
 
 
 def check_roi(roi: Sequence[int], shape: tuple[int, int]) -> Rect:
-    """Clip a rectangle to the image; refuse one smaller than 4×4 inside it."""
+    """Clip a rectangle to the image; refuse one smaller than 4×4 (or the image) inside it."""
     y0, y1, x0, x1 = (int(round(float(v))) for v in roi)
     y0, x0 = max(0, y0), max(0, x0)
     y1, x1 = min(shape[0], y1), min(shape[1], x1)
-    if y1 - y0 < 4 or x1 - x0 < 4:
+    if y1 - y0 < min(4, shape[0]) or x1 - x0 < min(4, shape[1]) or y1 <= y0 or x1 <= x0:
         raise ValueError(
             f"training region {tuple(roi)} is empty or smaller than 4×4 inside the image {shape}"
         )
