@@ -131,7 +131,7 @@ def resolve_layout(
     if is_lazy(data) and not hasattr(data, "dask"):
         import dask.array as da
 
-        data = da.from_array(data, chunks=getattr(data, "chunks", "auto"))
+        data = da.from_array(data, chunks=_dask_chunks(data))
     full = axes if "C" in axes else axes + "C"
     if "C" not in axes:
         data = data[..., None]
@@ -163,6 +163,24 @@ def resolve_layout(
             f"{in_channels}; pick one with channel=... or pass the right axes"
         )
     return Layout(data, axes, leading, leading_axes, channels, mode, channel)
+
+
+def _dask_chunks(arr: Any) -> Any:
+    """Dask chunks for a lazy array: its own chunks, grown along its two longest axes to
+    at least ``MIN_CHUNK`` pixels (a TIFF tiled in 16² tiles would otherwise make millions
+    of dask chunks — a memory bomb of its own — while one window reads a few chunks)."""
+    native = getattr(arr, "chunks", None)
+    shape = tuple(int(n) for n in arr.shape)
+    if native is None or len(native) != len(shape):
+        return "auto"
+    chunks = [max(1, int(c)) for c in native]
+    for axis in sorted(range(len(shape)), key=lambda a: shape[a])[-2:]:
+        c = chunks[axis]
+        chunks[axis] = min(shape[axis], -(-MIN_CHUNK // c) * c)
+    return tuple(chunks)
+
+
+MIN_CHUNK = 512
 
 
 def _transpose(data: Any, order: list[int]) -> Any:

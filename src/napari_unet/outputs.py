@@ -327,7 +327,9 @@ def write_data(target: Target, data: Any) -> Path:
             import tifffile
 
             arr = np.asarray(data)
-            tifffile.imwrite(tmp, arr, compression="zlib", bigtiff=arr.nbytes > 2**31)
+            tifffile.imwrite(
+                tmp, arr, compression="zlib", bigtiff=arr.nbytes > 2**31, photometric="minisblack"
+            )  # minisblack: 3 classes are not an RGB image
         else:  # pragma: no cover - checkpoints are written by checkpoint.save_model
             raise OutputError(f"{target.path}: cannot write {target.kind} data here")
     except OSError as err:
