@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -121,14 +122,95 @@ def _check_memory(image, model, axes: str | None, channel: int | None) -> None:
         )
 
 
+def _volume_method(args: argparse.Namespace) -> str | None:
+    return "3d" if args.volume_3d else ("stitch" if args.stitch else None)
+
+
+def _spacing(args: argparse.Namespace, image) -> tuple[float, float, float] | None:
+    """Voxel size (z, y, x): --scale, else the OME-Zarr metadata, else None (isotropic)."""
+    if args.scale:
+        try:
+            values = tuple(float(v) for v in args.scale.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or not all(v > 0 for v in values):
+            raise ValueError(f"--scale takes three positive numbers Z,Y,X, got {args.scale!r}")
+        return values  # type: ignore[return-value]
+    if image.ngff is not None and "Z" in image.ngff.axes:
+        return image.ngff.spatial("ZYX")[0]  # type: ignore[return-value]
+    return None
+
+
+def _write_labels(target, labels: np.ndarray, letters: str, image) -> None:
+    """Labels to a TIFF, or to a zarr store laid out as ``--dask`` writes it: a group whose
+    ``labels`` array is an NGFF image with the source's scale and translation."""
+    from .ngff import create_image, labels_axes
+    from .outputs import write_data
+
+    if target.kind != "zarr" or len(letters) != labels.ndim:
+        write_data(target, labels)
+        return
+    scale, translation, units = labels_axes(letters, image.ngff)
+    array = create_image(
+        target.begin(), labels.shape, labels.dtype, letters, scale=scale,
+        translation=translation, units=units, name="labels", dataset="labels",
+    )  # fmt: skip
+    array[...] = labels
+
+
+def _labels_into_image(args: argparse.Namespace, image, labels: np.ndarray, letters: str) -> str:
+    """``--labels-into-image NAME``: a new NGFF label image inside the input OME-Zarr."""
+    from .ngff import create_labels, labels_axes
+
+    scale, translation, units = labels_axes(letters, image.ngff)
+    root = image.path  # the NGFF image group itself (open_image found its multiscales)
+    array = create_labels(
+        root, args.labels_into_image, labels.shape, labels.dtype, letters, scale=scale,
+        translation=translation, units=units,
+    )  # fmt: skip
+    array[...] = labels
+    return f"{root}/labels/{args.labels_into_image}"
+
+
+def _check_targets(args: argparse.Namespace, image_ngff: bool | None) -> None:
+    """Refuse impossible output requests; ``image_ngff`` None: the image is not open yet."""
+    if args.output is None and args.labels_into_image is None:
+        raise ValueError("give the labels output: -o OUT.tif|OUT.zarr, or --labels-into-image NAME")
+    if _volume_method(args) and (args.dask or args.mode != "instance"):
+        raise ValueError("--3d/--stitch make instance labels in one process; drop --dask/--mode")
+    if args.labels_into_image is not None and image_ngff is not None:
+        if args.dask:
+            raise ValueError("--labels-into-image is not available with --dask; use -o OUT.zarr")
+        if not image_ngff:
+            raise ValueError(
+                "--labels-into-image NAME writes into an OME-Zarr image's labels/ group; "
+                f"{args.image} is not an OME-Zarr image — use -o OUT.zarr"
+            )
+        name = args.labels_into_image
+        if (
+            not name
+            or "/" in name
+            or name.startswith(".")
+            or (Path(args.image) / "labels" / name).exists()
+        ):
+            raise ValueError(
+                f"--labels-into-image {name!r}: not a plain name, or {args.image}/labels/{name} "
+                "exists (a label image is never replaced); choose another name"
+            )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .axes import resolve_layout
     from .io import open_image
     from .outputs import commit_all, plan_outputs, write_data, writing
     from .postprocess import default_class_names, segment
     from .predict import predict, select_device
 
     if args.dask:
-        return _predict_dask(args)
+        image = open_image(args.image, series=args.series)
+        _check_targets(args, image.ngff is not None)
+        return _predict_dask(args, image)
+    _check_targets(args, None)
     # outputs first: format, never an input, never each other, writable — nothing computed yet
     labels_to, probs_to = plan_outputs(
         [
@@ -139,50 +221,91 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inputs=[args.image, _model_path(args.model)],
     )
     image = open_image(args.image, series=args.series)
+    _check_targets(args, image.ngff is not None)
     model = _cli_model(args.model, args.untrained)
     axes = args.axes or image.axes
     _check_memory(image, model, axes, args.channel)
+    layout = resolve_layout(image.data, model.in_channels, axes, args.channel)
+    letters = layout.leading_axes + "YX"
+    method = _volume_method(args)
+    if method and "Z" not in letters:
+        raise ValueError(f"--3d/--stitch need a Z axis; {args.image} has axes {layout.axes}")
     device, why = select_device(args.device)
     print(f"model {model.name} ({model.info.parameters:,} parameters) on {why}", file=sys.stderr)
     bar = _ProgressBar("predict")
     with writing([labels_to, probs_to]):
-        stream = probs_to is not None and probs_to.kind == "zarr"
-        try:
-            probs = predict(
-                model,
-                image.data,
-                axes=axes,
-                tile_size=args.tile,
-                batch_size=args.batch,
-                device=device,
-                exact=args.exact,
-                level=args.level,
-                channel=args.channel,
-                progress=bar,
-                out=probs_to.begin() if stream else None,
+        if method:
+            labels = _predict_volume(args, image, model, layout, device, bar, method)
+            probs = None
+        else:
+            stream = probs_to is not None and probs_to.kind == "zarr"
+            try:
+                probs = predict(
+                    model,
+                    image.data,
+                    axes=axes,
+                    tile_size=args.tile,
+                    batch_size=args.batch,
+                    device=device,
+                    exact=args.exact,
+                    level=args.level,
+                    channel=args.channel,
+                    progress=bar,
+                    out=probs_to.begin() if stream else None,
+                )
+            finally:
+                bar.close()
+            if probs_to is not None and not stream:
+                write_data(probs_to, probs)
+            names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
+            labels = segment(
+                np.asarray(probs), mode=args.mode, class_names=names, min_size=args.min_size
             )
-        finally:
-            bar.close()
-        if probs_to is not None and not stream:
-            write_data(probs_to, probs)
-        names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
-        labels = segment(
-            np.asarray(probs), mode=args.mode, class_names=names, min_size=args.min_size
-        )
-        write_data(labels_to, labels)
+        if probs_to is not None and probs is None:
+            raise ValueError("--probabilities is not written with --3d/--stitch")
+        if labels_to is not None:
+            _write_labels(labels_to, labels, letters, image)
         commit_all([probs_to, labels_to])
+    where = args.output
+    if args.labels_into_image is not None:
+        where = _labels_into_image(args, image, labels, letters)
     n = int(labels.max())
     print(
-        f"wrote {args.output} ({args.mode} labels, {n} {'objects' if args.mode == 'instance' else 'classes'})",
+        f"wrote {where} ({args.mode} labels, {n} {'objects' if args.mode == 'instance' else 'classes'})",
         file=sys.stderr,
     )
     return 0
 
 
-def _predict_dask(args: argparse.Namespace) -> int:
+def _predict_volume(args, image, model, layout, device, bar, method: str) -> np.ndarray:
+    """--3d / --stitch: 3-D labels of every Z-stack of the image (each time point)."""
+    from .volume import segment_stack
+
+    spacing = _spacing(args, image)
+    stacks = layout.data  # (*leading, C, Y, X) with Z among the leading axes
+    z_at = layout.leading_axes.index("Z")
+    if layout.leading_axes not in ("Z", "TZ"):
+        raise ValueError(f"--3d/--stitch take ZYX or TZYX images, not {layout.axes}")
+    out = np.zeros((*layout.leading, *layout.spatial), np.uint32)
+    offset = 0
+    outer = layout.leading[:z_at]
+    for idx in np.ndindex(*outer) if outer else [()]:
+        stack = stacks[idx]  # (Z, C, Y, X)
+        labels = segment_stack(
+            model, stack, method=method, axes="ZCYX", spacing=spacing,
+            stitch_iou=args.stitch_iou, min_size=args.min_size, device=device,
+            tile_size=args.tile, batch_size=args.batch, progress=bar,
+        )  # fmt: skip
+        out[idx] = np.where(labels > 0, labels + offset, 0)
+        offset += int(labels.max())
+    bar.close()
+    return out
+
+
+def _predict_dask(args: argparse.Namespace, image) -> int:
     """``predict --dask``: chunked prediction on a dask cluster into one zarr store."""
     from .distributed import check_scheduler, predict_distributed
-    from .io import open_image
+    from .ngff import add_labels_metadata
     from .outputs import plan_output
 
     if args.probabilities is not None:
@@ -194,7 +317,6 @@ def _predict_dask(args: argparse.Namespace) -> int:
         args.output, ("zarr",), overwrite=args.overwrite, resume=not args.overwrite,
         inputs=[args.image, _model_path(args.model)], what="output store",
     )  # fmt: skip
-    image = open_image(args.image, series=args.series)
     bar = _ProgressBar("predict (chunks)")
     try:
         _, labels = predict_distributed(
@@ -215,12 +337,23 @@ def _predict_dask(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+    letters = _labels_letters(args.axes or image.axes, labels.ndim)
+    if letters:
+        add_labels_metadata(args.output, letters, image.ngff)
     print(
         f"wrote {args.output} (probabilities, {args.mode} labels {labels.shape}); "
         "an interrupted run resumes when started again with the same output",
         file=sys.stderr,
     )
     return 0
+
+
+def _labels_letters(axes: str | None, ndim: int) -> str | None:
+    """Axes of the labels (the image's without C), when known."""
+    letters = "".join(a for a in (axes or "") if a != "C")
+    if not axes and ndim <= 3:
+        letters = "ZYX"[-ndim:] if ndim >= 2 else ""
+    return letters if len(letters) == ndim else None
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -331,10 +464,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--untrained", action="store_true", help="build a fresh, untrained network of -m NAME"
     )
-    p.add_argument("-o", "--output", required=True, help="labels output (.tif or .zarr)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="labels output (.tif, or .zarr: an OME-Zarr group whose 'labels' image has the "
+        "input's scale, as --dask writes it)",
+    )
+    p.add_argument(
+        "--labels-into-image",
+        default=None,
+        metavar="NAME",
+        help="write the labels as NGFF label image NAME into the input OME-Zarr's labels/ "
+        "group (nothing else in it is touched; an existing NAME is never replaced)",
+    )
     p.add_argument(
         "--probabilities", default=None, help="also write class probabilities (.tif or .zarr)"
     )
+    vol = p.add_mutually_exclusive_group()
+    vol.add_argument(
+        "--3d",
+        dest="volume_3d",
+        action="store_true",
+        help="Z-stacks: one 3-D object per nucleus (3-D seeds and watershed on the stacked "
+        "probabilities, voxel size from --scale or the OME-Zarr metadata)",
+    )
+    vol.add_argument(
+        "--stitch",
+        action="store_true",
+        help="Z-stacks: join per-plane objects across Z by overlap (IoU ≥ --stitch-iou)",
+    )
+    p.add_argument("--stitch-iou", type=float, default=0.25, help="IoU to join (default 0.25)")
+    p.add_argument(
+        "--scale", default=None, metavar="Z,Y,X", help="voxel size for --3d (default: from "
+        "the OME-Zarr metadata, else isotropic)",
+    )  # fmt: skip
     p.add_argument(
         "--tile", type=int, default=None, help="tile (network input window) size in pixels"
     )

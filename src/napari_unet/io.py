@@ -84,6 +84,8 @@ class ImageInput:
     data: Any
     axes: str | None
     path: Path
+    ngff: Any = None
+    """:class:`napari_unet.ngff.NgffAxes` (axes, scale, translation) of an OME-Zarr image."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -210,24 +212,20 @@ def _open_zarr(path: Path) -> ImageInput:
     except Exception as exc:  # zarr raises many kinds for a non-store
         raise ValueError(f"{path} is not a readable zarr array or group: {exc}") from None
     axes = None
+    ngff = None
     if not hasattr(node, "shape"):  # a group
         attrs = dict(node.attrs)
         multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
         arrays = sorted(node.array_keys())
         if multiscales:  # OME-Zarr: its first dataset is the full resolution
-            ms = multiscales[0]
-            name = ms["datasets"][0]["path"]
-            letters = [
-                str(a.get("name", a) if isinstance(a, dict) else a) for a in ms.get("axes", [])
-            ]
+            from .ngff import read_axes
+
+            name = multiscales[0]["datasets"][0]["path"]
             node = node[name]
-            guess = "".join(x.upper() for x in letters)
-            if (
-                len(guess) == node.ndim
-                and set(guess) <= set(_AXIS_MAP)
-                and len(set(guess)) == len(guess)
-            ):
-                axes = guess
+            found = read_axes(attrs, node.ndim)
+            if found is not None:
+                ngff = found[1]
+                axes = ngff.axes
         elif len(arrays) == 1:
             node = node[arrays[0]]
         elif not arrays:
@@ -244,7 +242,7 @@ def _open_zarr(path: Path) -> ImageInput:
                 f"image: {shown}"
             )
     check_dtype(node.dtype)
-    return ImageInput(node, axes, path)
+    return ImageInput(node, axes, path, ngff)
 
 
 def read_image(path: str | os.PathLike[str], *, series: int | None = None) -> Any:

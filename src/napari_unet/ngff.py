@@ -122,8 +122,9 @@ def multiscales_attrs(
     *,
     units: dict[str, str] | None = None,
     name: str = "",
+    dataset: str = "0",
 ) -> dict[str, Any]:
-    """NGFF 0.4 ``multiscales`` attributes of a one-level image at dataset path ``0``."""
+    """NGFF 0.4 ``multiscales`` attributes of a one-level image at path ``dataset``."""
     transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [float(s) for s in scale]}]
     if any(translation):
         transforms.append({"type": "translation", "translation": [float(t) for t in translation]})
@@ -133,7 +134,7 @@ def multiscales_attrs(
                 "version": NGFF_VERSION,
                 "name": name,
                 "axes": _axes_json(letters, units or {}),
-                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+                "datasets": [{"path": dataset, "coordinateTransformations": transforms}],
             }
         ]
     }
@@ -152,9 +153,11 @@ def create_image(
     name: str = "",
     label: bool = False,
     extra_attrs: dict[str, Any] | None = None,
+    dataset: str = "0",
 ) -> Any:
-    """Create a new OME-Zarr image group at ``path`` (which must not exist) and return its
-    full-resolution zarr array (``path/0``) for the caller to fill (lazily, chunk by chunk).
+    """Create a new OME-Zarr image group at ``path`` (which must not exist or be an empty
+    folder) and return its full-resolution zarr array (``path/<dataset>``) for the caller
+    to fill (lazily, chunk by chunk).
 
     Args:
         path: folder of the new group.
@@ -167,6 +170,7 @@ def create_image(
         name: the multiscale's name.
         label: add ``image-label`` metadata (an NGFF label image).
         extra_attrs: more group attributes.
+        dataset: path of the full-resolution array inside the group.
 
     Returns:
         The writable ``zarr.Array`` of the full resolution.
@@ -180,13 +184,50 @@ def create_image(
     translation = tuple(translation or (0.0,) * ndim)
     if chunks is None:
         chunks = tuple(min(1024, s) if a in "YX" else 1 for a, s in zip(letters, shape))
-    group = zarr.open_group(str(path), mode="w-", zarr_format=2)
-    attrs = multiscales_attrs(letters, scale, translation, units=units, name=name)
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists; an OME-Zarr output is never written over data")
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    attrs = multiscales_attrs(letters, scale, translation, units=units, name=name, dataset=dataset)
     if label:
         attrs["image-label"] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
     attrs.update(extra_attrs or {})
     group.attrs.update(attrs)
-    return group.create_array("0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+    return group.create_array(dataset, shape=shape, dtype=dtype, chunks=chunks, fill_value=0)
+
+
+def labels_axes(
+    letters: str, source: NgffAxes | None
+) -> tuple[tuple[float, ...], tuple[float, ...], dict[str, str]]:
+    """(scale, translation, units) for a label image with axes ``letters`` (no C) made from
+    an image described by ``source`` (identity when the image has no NGFF metadata)."""
+    if source is None:
+        return (1.0,) * len(letters), (0.0,) * len(letters), {}
+    scale, translation = source.spatial(letters)
+    if len(scale) != len(letters):
+        return (1.0,) * len(letters), (0.0,) * len(letters), {}
+    units = {a: u for a, u in source.units.items() if a in letters}
+    return scale, translation, units
+
+
+def add_labels_metadata(
+    store: str | os.PathLike[str], letters: str, source: NgffAxes | None
+) -> None:
+    """Make a results store (``labels`` array inside, as ``--dask`` writes it) an NGFF
+    image whose full resolution is ``labels``, with the source image's scale."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="a")
+    scale, translation, units = labels_axes(letters, source)
+    attrs = multiscales_attrs(
+        letters, scale, translation, units=units, name="labels", dataset="labels"
+    )
+    if group.metadata.zarr_format == 3:  # NGFF 0.5: the same under "ome", no per-item version
+        ms = attrs["multiscales"]
+        for item in ms:
+            item.pop("version", None)
+        attrs = {"ome": {"version": "0.5", "multiscales": ms}}
+    group.attrs.update(attrs)
 
 
 def create_labels(
@@ -214,7 +255,7 @@ def create_labels(
     labels = zarr.open_group(str(root / "labels"), mode="a", zarr_format=2)
     listed = list(labels.attrs.get("labels", []))
     if name in listed or name in labels:
-        raise FileExistsError(f"{root}/labels/{name} exists; choose another --label-name")
+        raise FileExistsError(f"{root}/labels/{name} exists; choose another name")
     array = create_image(
         root / "labels" / name,
         shape,

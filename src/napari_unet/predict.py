@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -177,7 +178,8 @@ def predict(
 ) -> Any:
     """Class probabilities of ``image``, float32 ``(C, *leading, Y, X)``.
 
-    ``image``: numpy, dask or zarr array, 2-D grey, (C,Y,X), RGB(A) (Y,X,3/4), Z-stacks
+    ``image``: numpy, dask or zarr array, or a TIFF / zarr / OME-Zarr path (axes read from
+    the file; an OME-Zarr image's full resolution), 2-D grey, (C,Y,X), RGB(A) (Y,X,3/4), Z-stacks
     and time series (predicted plane by plane); ``axes`` (letters of TZCYX) when the
     layout is ambiguous. ``C`` is the model's number of classes (one class: the
     foreground probability). ``outputs="all"`` returns ``(final, [every head])``.
@@ -191,6 +193,11 @@ def predict(
     return its arrays ``(probabilities, labels)``; always exact tiling, resumable, see
     :func:`napari_unet.distributed.predict_distributed` for the options.
     """
+    if isinstance(image, (str, os.PathLike)):  # a TIFF, zarr or OME-Zarr path: axes from it
+        from .io import open_image
+
+        opened = open_image(image)
+        image, axes = opened.data, axes or opened.axes
     if scheduler is not None:
         if outputs != "final":
             raise ValueError("distributed prediction returns the final output only")
