@@ -154,6 +154,21 @@ def test_predict_labels_and_probabilities(viewer, qtbot):
     assert labels.visible and viewer.layers.selection.active is labels
 
 
+def test_progress_covers_post_processing(viewer, qtbot):
+    """Item 8: the bar stops at 90 % for the network and fills while objects are separated."""
+    stack = np.stack([viewer.layers["nuclei"].data[:, :128]] * 3)
+    layer = viewer.add_image(stack, name="planes")
+    w = dock(viewer, "Predict")
+    w.image.set_layer(layer)
+    w.channels.axis.setCurrentIndex(0)  # Z planes
+    values = []
+    w.controls.progress.valueChanged.connect(values.append)
+    wait_job(qtbot, w.run())
+    assert max(v for v in values if v < 100) >= 90  # post-processing reported per plane
+    assert values[-1] == 100 and w.controls.progress.format() == "done"
+    assert 90 in values and any(90 < v < 100 for v in values)
+
+
 def test_two_predictions_give_two_layers_first_unchanged(viewer, qtbot):
     """Item 2: results are added, never replaced; replacing is an explicit option."""
     state = get_state(viewer)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFrame,
@@ -41,6 +41,12 @@ class Panel(QWidget):
         self.body_layout = QVBoxLayout(self.body)
         self.scroll.setWidget(self.body)
         outer.addWidget(self.scroll)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt)
+        """As wide as the content needs (no horizontal clipping), any height (it scrolls)."""
+        body = self.body.minimumSizeHint()
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        return QSize(body.width() + bar + 4, super().minimumSizeHint().height())
 
     def on_closed(self) -> None:
         """The dock was closed (its jobs are already dropped)."""

@@ -438,6 +438,10 @@ class InspectWidget(Panel):
             elif item[0] == "stage":
                 self.side_controls.progress.setFormat(item[1])
 
+    def _label(self, model: Any) -> str:
+        entry = self.state.entry_of(model)
+        return entry.label if entry is not None else model.name
+
     def _side_done(self, request: Any, model: Any, result: dict) -> None:
         src = request.source
         if src not in self.viewer.layers:
@@ -447,7 +451,7 @@ class InspectWidget(Panel):
             output_key(src, "side outputs"),
             "image",
             result["stack"],
-            name=f"{src.name} [{model.name} side outputs]",
+            name=f"{src.name} [{self._label(model)} side outputs]",
             scale=(1.0, *request.scale),
             translate=(0.0, *request.translate),
             metadata={"napari_unet_outputs": [r["output"] for r in result["rows"]]},
@@ -463,7 +467,8 @@ class InspectWidget(Panel):
                 self.table.setItem(r, c, QTableWidgetItem(row[key]))
         set_status(
             self.side_status,
-            f"{len(self.rows)} outputs (foreground probability, first axis of "
+            f"{len(self.rows)} output{'s' if len(self.rows) != 1 else ''} (foreground "
+            "probability, first axis of "
             f"{self.side_layer.name!r}) in {result['seconds']:.1f} s.",
             "ok",
         )

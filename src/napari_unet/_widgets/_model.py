@@ -58,31 +58,31 @@ TERMS = {
 
 
 def training_text(summary: dict[str, Any] | None) -> str:
-    """The training summary in words (images, regions, objects, pixels, steps, validation)."""
+    """The training summary in words (images, regions, objects, pixels, steps, validation).
+
+    Reads the widget's summary keys (``images``…) or a checkpoint's (``data_images``…)."""
     if not summary:
         return ""
-    parts = []
-    counts = [
-        (summary.get("images"), "image"),
-        (summary.get("regions"), "region"),
-        (summary.get("objects"), "object"),
-    ]
-    words = [f"{n} {w}{'s' if n != 1 else ''}" for n, w in counts if isinstance(n, int)]
-    if words:
-        parts.append(", ".join(words))
-    if isinstance(summary.get("pixels"), int):
-        parts.append(f"{summary['pixels']:,} annotated pixels")
+
+    def get(key: str) -> Any:
+        value = summary.get("data_" + key)
+        return summary.get(key) if value is None else value
+
+    def count(n: Any, word: str) -> str | None:
+        return f"{n:,} {word}{'s' if n != 1 else ''}" if isinstance(n, int) else None
+
+    words = [count(get(k), k[:-1]) for k in ("images", "regions", "objects", "pixels")]
+    parts = [", ".join(w for w in words if w)] if any(words) else []
     if summary.get("steps") is not None:
         parts.append(f"{summary['steps']} steps")
     if summary.get("seconds") is not None:
         parts.append(f"{float(summary['seconds']):.0f} s")
-    if summary.get("loss"):
-        parts.append(f"loss {summary['loss']}")
-    val = summary.get("validation")
-    if isinstance(val, str) and val:
-        parts.append(val)
-    elif summary.get("val_f1") is not None:
-        parts.append(f"validation F1 {summary['val_f1']:.2f}")
+    if summary.get("val_f1") is not None:
+        n = summary.get("val_objects")
+        on = f" on {n} objects" if n else ""
+        parts.append(f"validation F1@0.5 {summary['val_f1']:.2f}{on}")
+    elif summary.get("validation") is not None:
+        parts.append("no validation score")
     return "; ".join(parts)
 
 
@@ -181,6 +181,8 @@ class ModelWidget(Panel):
         )
         self.models.setMinimumHeight(70)
         self.models.setMaximumHeight(130)
+        self.models.setWordWrap(True)
+        self.models.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.load_button = QPushButton("Load…")
         self.load_button.setToolTip("Add a .safetensors checkpoint to the list")
         self.save_button = QPushButton("Save…")
@@ -338,10 +340,13 @@ class ModelWidget(Panel):
         self.models.blockSignals(True)
         self.models.clear()
         for entry in self.state.entries:
-            item = QListWidgetItem(entry.describe())
-            item.setData(Qt.ItemDataRole.UserRole, entry)
             tip = training_text(entry.summary)
-            item.setToolTip(f"Trained here: {tip}" if tip else entry.source)
+            text = entry.describe()
+            if entry.kind == "trained" and tip:
+                text = f"{entry.label} — trained here: {tip}"
+            item = QListWidgetItem(text)
+            item.setData(Qt.ItemDataRole.UserRole, entry)
+            item.setToolTip(f"{entry.source}\n{tip}" if tip else entry.source)
             if entry.untrained:
                 item.setForeground(Qt.GlobalColor.darkYellow)
             self.models.addItem(item)

@@ -272,9 +272,12 @@ class TrainWidget(Panel):
             "Number format: auto = bf16 (faster, same quality) where the GPU or CPU has "
             "bf16 units, else fp32"
         )
-        self.augment = QCheckBox("augmentation (flips, rotations, elastic, intensity)")
+        self.augment = QCheckBox("augmentation")
         self.augment.setChecked(True)
-        self.augment.setToolTip("Show the network varied copies of the patches (recommended)")
+        self.augment.setToolTip(
+            "Show the network varied copies of the patches: flips, rotations, elastic "
+            "deformation, intensity changes (recommended)"
+        )
         self.predict_after = QCheckBox("predict the image when done")
         self.predict_after.setChecked(True)
         self.plot = LossPlot()
@@ -321,8 +324,10 @@ class TrainWidget(Panel):
         patch_row.addWidget(term("precision", self.precision.toolTip()))
         patch_row.addWidget(self.precision)
         form.addRow(term("patch size", self.patch.toolTip()), patch_row)
-        form.addRow("", self.augment)
-        form.addRow("", self.predict_after)
+        checks = QHBoxLayout()
+        checks.addWidget(self.augment)
+        checks.addWidget(self.predict_after)
+        form.addRow("", checks)
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.controls.run)
@@ -725,7 +730,7 @@ class TrainWidget(Panel):
         if last.get("val_f1") is not None:
             text += f"; {self._val_name()}: {last['val_f1']:.2f}"
         elif self.summary is not None and self.summary.val_note:
-            text += f". {self.summary.val_note}"
+            text += f". {self.summary.val_note.rstrip('.')}"
         if history.diverged:
             text += " (loss diverged: kept the last good weights)"
         self.last_layers = {}
