@@ -874,3 +874,66 @@ def test_viewer_closed_while_loading_never_aborts(tmp_path):
                     "traceback": "Traceback" in err, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     assert not hung and rc == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+# ------------------------------------------------------------------- the write-safety unit
+def test_target_replaces_only_when_complete(tmp_path):
+    """The earlier output stays until the new one is complete; a failed move puts it back."""
+    import zarr
+
+    from napari_unet.outputs import OutputError, plan_output, write_data
+
+    _store(tmp_path, "p.zarr")
+    target = plan_output(tmp_path / "p.zarr", overwrite=True)
+    write_data(target, np.ones((2, 3), np.float32))
+    assert zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[0] == 7  # untouched so far
+    target.commit()
+    assert zarr.open_array(str(tmp_path / "p.zarr"), mode="r").shape == (2, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.zarr"]
+
+    (tmp_path / "o.tif").write_bytes(b"old")
+    target = plan_output(tmp_path / "o.tif", overwrite=True)
+    with pytest.raises(OutputError, match="nothing was written"):
+        target.commit()
+    assert (tmp_path / "o.tif").read_bytes() == b"old"
+
+
+def test_fresh_folder(tmp_path):
+    from napari_unet.outputs import fresh_folder
+
+    assert fresh_folder(tmp_path / "d", ["a.tif"]) == tmp_path / "d"
+    (tmp_path / "d").mkdir()
+    assert fresh_folder(tmp_path / "d", ["a.tif"]) == tmp_path / "d"  # empty: reused
+    (tmp_path / "d" / "a.tif").write_bytes(b"x")
+    assert fresh_folder(tmp_path / "d", ["a.tif"]) == tmp_path / "d-2"
+
+
+def test_terminated_run_leaves_nothing(case):
+    """SIGTERM (or Ctrl-C) while predicting: exit 130, no partial output, input intact."""
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(case / "big.tif", (rng.random((1024, 1024)) * 60000).astype(np.uint16))
+    before = _snapshot(case)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "napari_unet.cli", "predict", "big.tif", "-m", "m.safetensors",
+           "-o", "o.tif", "--probabilities", "p.zarr", "--tile", "128"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=case, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_preexec())  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(".part" in p.name for p in case.iterdir()):
+            break
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        hung = True
+    out = Outcome(proc.returncode, err, time.perf_counter() - t0, hung=hung)
+    after = _snapshot(case)
+    if out.rc == 130:  # interrupted: the expected line is not an error line
+        out.rc = 2
+        out.stderr = err.replace("napari-unet: interrupted", "napari-unet: error: interrupted")
+    record("outputs", "sigterm_mid_prediction", out, expect=r"interrupted", before=before, after=after)  # fmt: skip

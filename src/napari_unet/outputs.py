@@ -155,7 +155,13 @@ class Target:
                 old = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.old")
                 os.replace(self.path, old)
                 self._old.append(old)
-        os.replace(self.partial, self.path)
+        try:
+            os.replace(self.partial, self.path)
+        except BaseException:
+            for old in self._old:  # put the earlier output back
+                os.replace(old, self.path)
+            self._old.clear()
+            raise
         self.partial = None
         for old in self._old:
             _remove(old)
@@ -209,8 +215,10 @@ def _check_folder(folder: Path, what: Path) -> None:
         raise OutputError(
             f"cannot write {what}: folder {folder} is not writable ({err.strerror})"
         ) from None
-    os.close(fd)
-    os.unlink(probe)
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(probe)
 
 
 def plan_output(

@@ -137,24 +137,29 @@ class _PlaneSink:
 
 
 def _allocate(
-    out: Any, shape: tuple[int, ...], chunks: tuple[int, ...], image: Any, kind: str | None = None
-) -> tuple[Any, Target | None]:
+    out: Any,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    image: Any,
+    created: list[Target],
+    kind: str | None = None,
+) -> Any:
     """numpy array, a given array, or a new zarr store at ``out`` — checked by the
     write-safety module (never an existing path, never the input) and written under a
-    partial name until :meth:`Target.commit`."""
+    partial name (listed in ``created`` before it exists) until :meth:`Target.commit`."""
     if out is None:
-        return np.zeros(shape, dtype=np.float32), None
+        return np.zeros(shape, dtype=np.float32)
     if isinstance(out, (str, Path)):
         import zarr
 
         target = plan_output(out, ("zarr",), inputs=[image], what="out", kind=kind)
-        arr = zarr.open_array(
+        created.append(target)
+        return zarr.open_array(
             str(target.begin()), mode="w-", shape=shape, chunks=chunks, dtype="float32"
         )
-        return arr, target
     if tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
-    return out, None
+    return out
 
 
 def predict(
@@ -228,10 +233,9 @@ def predict(
                 if k == 0
                 else (None if out is None or not isinstance(out, (str, Path)) else f"{out}.head{k}")
             )
-            arr, target = _allocate(dest, out_shape, chunks, image, None if k == 0 else "zarr")
-            arrays.append(arr)
-            if target is not None:
-                created.append(target)
+            arrays.append(
+                _allocate(dest, out_shape, chunks, image, created, None if k == 0 else "zarr")
+            )
         tile = tile_size or DEFAULT_TILE[dev.type]
         batch = batch_size or DEFAULT_BATCH[dev.type]
         while True:
