@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -626,19 +627,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; every failure is exit code 2 and one line ``napari-unet: error: ...``
     on stderr (no traceback; ``NAPARI_UNET_DEBUG=1`` re-raises)."""
     import os
+    import signal
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _STOP.clear()
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C / `kill`: stop at the next batch and remove partial outputs; twice: at once
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, _on_stop_signal)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("napari-unet: interrupted", file=sys.stderr)
+        print("napari-unet: interrupted (partial outputs removed)", file=sys.stderr)
         return 130
     except Exception as exc:
+        if type(exc).__name__ == "Cancelled":  # napari_unet.tiling.Cancelled (a stop signal)
+            print("napari-unet: interrupted (partial outputs removed)", file=sys.stderr)
+            return 130
         if os.environ.get("NAPARI_UNET_DEBUG"):
             raise
         print(f"napari-unet: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+_STOP = threading.Event()
+"""Set by the first Ctrl-C / SIGTERM: the engine stops at its next batch (cancel token)."""
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+    _STOP.set()
+    print("napari-unet: stopping (again to force)", file=sys.stderr)
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
