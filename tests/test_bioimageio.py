@@ -173,3 +173,33 @@ def test_export_other_variants(tmp_path):
             assert load_bioimageio(path).info.halo == model.info.halo
             with pytest.raises(ValueError, match="smaller than"):
                 load_bioimageio(path, prefer="onnx")
+
+
+def test_cli_export_and_bioimageio_test_cli_on_a_freshly_trained_model(tmp_path, nuclei, capsys):
+    """Train a small network a few steps, export it with the CLI, run the `bioimageio test`
+    command line (offline) on the package, and import it back."""
+    import shutil
+    import subprocess
+    import sys
+
+    from napari_unet import save_model, train
+    from napari_unet.cli import main
+
+    image, labels = nuclei
+    model = build_model("unet", 1, 3, base_channels=8, depth=2)
+    history = train(model, image, labels, roi=(0, 128, 0, 128), steps=6, batch_size=2,
+                    patch_size=64, val_fraction=0.0, device="cpu")  # fmt: skip
+    ckpt = save_model(model, tmp_path / "fresh.safetensors", training=history.summary())
+    out = tmp_path / "fresh.zip"
+    assert main(["export", str(ckpt), "-o", str(out), "--author", "A. Biologist"]) == 0
+    assert "bioimage.io model package" in capsys.readouterr().err
+    assert main(["export", str(out), "-o", str(out), "--overwrite"]) == 2  # never the input
+    exe = shutil.which("bioimageio", path=str(Path(sys.executable).parent))
+    assert exe, "bioimageio.core's command line is installed with the bioimageio extra"
+    run = subprocess.run([exe, "test", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "passed" in run.stdout
+    back = load_bioimageio(out)
+    assert back.training_summary["steps"] == 6
+    x = image[:96, :96]
+    assert np.abs(predict(back, x, device="cpu") - predict(model, x, device="cpu")).max() <= 1e-5

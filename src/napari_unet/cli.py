@@ -58,13 +58,36 @@ def _cli_model(spec: str | None, untrained: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = resolve_model(spec)
-    if spec is not None and not str(spec).endswith(".safetensors"):
+    if spec is not None and not Path(spec).suffix and not Path(spec).exists():
         print(
             f"warning: {spec!r} has no bundled weights: an untrained {model.name}; "
             "pass a checkpoint",
             file=sys.stderr,
         )
     return model
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export MODEL -o NAME.zip``: a bioimage.io model package of any model."""
+    import os
+
+    try:
+        from .bioimageio import export_bioimageio
+    except ImportError:  # pragma: no cover - the extra is part of the README set-up
+        raise ValueError(
+            'exporting needs the bioimageio extra: pip install "napari-unet[bioimageio]"'
+        ) from None
+    out = Path(args.output)
+    if args.model and os.path.realpath(args.model) == os.path.realpath(out):
+        raise ValueError(f"{out} is the model being exported; choose another output name")
+    model = _cli_model(args.model, False)
+    written = export_bioimageio(
+        model, out, name=args.name, authors=args.author or None, license=args.license,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    size = written.stat().st_size / 1e6
+    print(f"wrote {written} (bioimage.io model package, {size:.1f} MB)", file=sys.stderr)
+    return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -252,6 +275,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     level=args.level,
                     channel=args.channel,
                     progress=bar,
+                    cancel=_STOP,
                     out=probs_to.begin() if stream else None,
                 )
             finally:
@@ -266,6 +290,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError("--probabilities is not written with --3d/--stitch")
         if labels_to is not None:
             _write_labels(labels_to, labels, letters, image)
+        _check_stop()  # a stop requested while segmenting or writing: commit nothing
         commit_all([probs_to, labels_to])
     where = args.output
     if args.labels_into_image is not None:
@@ -334,6 +359,7 @@ def _predict_dask(args: argparse.Namespace, image) -> int:
             mode=args.mode,
             min_size=args.min_size,
             progress=bar,
+            cancel=_STOP,
             overwrite=args.overwrite,
         )
     finally:
@@ -528,6 +554,23 @@ def build_parser() -> argparse.ArgumentParser:
         "into the zarr store -o (probabilities + labels); a rerun resumes",
     )
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "export", help="write a bioimage.io model package (.zip) for Fiji, QuPath, ilastik, ..."
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="bundled variant (unet, unetpp, ...), checkpoint (.safetensors) or bioimage.io "
+        "package; default: the bundled U-Net",
+    )
+    p.add_argument("-o", "--output", required=True, help="package to write (NAME.zip)")
+    p.add_argument("--name", default=None, help="the model's name in the package")
+    p.add_argument("--author", action="append", default=None, help="author (repeatable)")
+    p.add_argument("--license", default="BSD-3-Clause", help="SPDX licence of the weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("train", help="fine-tune (or train) a model on an annotated image")
     p.add_argument("image", help="image (.tif or .zarr), 2-D or (C, Y, X)")
