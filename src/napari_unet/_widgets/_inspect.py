@@ -84,14 +84,24 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any) -> dict:
     """Every deep-supervision / side output (foreground probability) and its table row."""
     from ..postprocess import default_class_names
-    from ..predict import predict
+    from ..predict import select_device
+    from ._predict import cpu_threads
 
     names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
+    report(("stage", "all outputs"))
+
+    with cpu_threads(select_device(device)[0]):
+        return _side_outputs(model, request, device, report, cancel, names)
+
+
+def _side_outputs(
+    model: Any, request: Any, device: str, report: Any, cancel: Any, names: list[str]
+) -> dict:
+    from ..predict import predict
 
     def progress(done: int, total: int) -> None:
         report(("progress", done, total))
 
-    report(("stage", "all outputs"))
     t0 = time.perf_counter()
     final, heads = predict(
         model,

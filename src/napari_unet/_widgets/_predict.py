@@ -51,6 +51,19 @@ def model_line(state: Any, short: bool = False) -> tuple[str, str]:
     return (text if short else text + " (untrained: results are not meaningful)"), "warn"
 
 
+def cpu_threads(device: Any) -> Any:
+    """Context applying :func:`napari_unet.runtime.torch_threads` for CPU work (else nothing)."""
+    import contextlib
+
+    from ..runtime import torch_threads
+
+    return (
+        torch_threads(None)
+        if getattr(device, "type", str(device)) == "cpu"
+        else (contextlib.nullcontext())
+    )
+
+
 def run_prediction(
     model: Any,
     request: Request,
@@ -80,18 +93,19 @@ def run_prediction(
         if report is not None:
             report(("progress", done, total))
 
-    probs = predict(
-        model,
-        request.data,
-        axes=request.axes,
-        channel=request.channel,
-        tile_size=tile_size,
-        batch_size=batch_size,
-        device=dev,
-        level=level,
-        progress=progress,
-        cancel=cancel,
-    )
+    with cpu_threads(dev):  # the engine's thread policy (physical cores − 1 with napari)
+        probs = predict(
+            model,
+            request.data,
+            axes=request.axes,
+            channel=request.channel,
+            tile_size=tile_size,
+            batch_size=batch_size,
+            device=dev,
+            level=level,
+            progress=progress,
+            cancel=cancel,
+        )
     seconds = time.perf_counter() - t0
     names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
     out: dict[str, Any] = {"seconds": seconds, "device": why, "class_names": names}
