@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,6 +43,7 @@ def user_files(tmp_path, monkeypatch, nuclei):
         "x": torch.rand(1, 1, 64, 64),
         "image": image,
         "annotation": annotation,
+        "stack": np.stack([image[:64, :96]] * 3),
     }
 
 
