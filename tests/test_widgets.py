@@ -709,8 +709,8 @@ def test_closing_the_viewer_ends_the_process_quietly(mode, tmp_path):
     closed = float(
         next(line for line in proc.stdout.splitlines() if line.startswith("T_CLOSE")).split()[1]
     )
-    # interpreter teardown of napari + torch alone takes ~1–2.5 s on a loaded 2-core box
-    assert ended - closed < 8, ended - closed
+    # the script itself waits 0.5 s after closing in the mid-training case
+    assert ended - closed < (2.5 if mode == "close-mid-training" else 2.0), ended - closed
     if mode == "close-mid-training":
         assert "dropped True steps True" in proc.stdout
 
