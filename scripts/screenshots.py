@@ -2,8 +2,9 @@
 
     xvfb-run -a -s "-screen 0 1600x1200x24" .venv/bin/python scripts/screenshots.py
 
-Opens napari with the sample nuclei, docks each widget in turn and saves
-``docs/images/{model,train,predict,inspect}.png`` (whole window). Uses the bundled model
+Opens napari with the sample nuclei, docks each widget as its own dock in turn and saves
+``docs/images/widgets/{model,train,predict,predict_probabilities,inspect}.png`` (whole
+window). The README's pictures of the whole cycle come from ``scripts/journey.py``. Uses the bundled model
 when it is installed; otherwise the untrained fallback is trained in the Train widget
 first (the screenshots then say so).
 """
@@ -49,7 +50,7 @@ def until(condition, timeout: float = 300) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "widgets")
     parser.add_argument("--train-seconds", type=int, default=None)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
