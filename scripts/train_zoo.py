@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ from napari_unet.training.augment import Augmenter
 from napari_unet.training.data import prepare, sample_batch
 from napari_unet.training.losses import compute_loss, get_loss
 
+# scores are measured with the reference torch backend (not a compiled CPU runtime)
+os.environ.setdefault("NAPARI_UNET_RUNTIME", "torch")
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "src/napari_unet/weights"
+RAW = Path(os.environ.get("TMPDIR", "/tmp")) / "napari-unet-zoo"
 CLASSES = ["background", "interior", "boundary"]
 DATA = {"images": 64, "shape": (256, 256), "seed": 0}
 
@@ -72,7 +76,7 @@ ZOO: dict[str, dict[str, Any]] = {
         "variant": "u2netp",
         "config": {"norm": "batch", "width": 1.0},
         "loss": "u2net_sides",  # U²-Net: plain sum of CE over six sides and the fusion
-        "steps": 600,
+        "steps": 350,
         "lr": 2e-3,
         "init": None,
     },
@@ -86,7 +90,7 @@ ZOO: dict[str, dict[str, Any]] = {
             "cgm": False,
         },
         "loss": "unet3p_hybrid",  # UNet 3+: focal + MS-SSIM + IoU on every side output
-        "steps": 450,
+        "steps": 250,
         "lr": 2e-3,
         "init": "encoder",
     },
@@ -102,7 +106,7 @@ ZOO: dict[str, dict[str, Any]] = {
             "drop_path_rate": 0.0,
         },
         "loss": "ce_dice",  # Swin-UNet: CE + Dice
-        "steps": 1500,
+        "steps": 700,
         "lr": 1e-3,
         "init": None,
     },
@@ -249,16 +253,20 @@ def train_variant(name: str, spec: dict[str, Any], steps: int, log) -> tuple[Any
 
 
 def cost(model) -> dict[str, float]:
-    """GFLOP per megapixel (FlopCounterMode, one 256² forward) and CPU seconds per
-    megapixel (best of two 512² forwards, fp32, the current thread count)."""
+    """GFLOP per megapixel of output (FlopCounterMode, one 256² output) and CPU seconds
+    per megapixel (best of two 512² outputs, fp32, the current thread count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(model).float().eval()
+
+    def size(n: int) -> int:  # input size giving an n² output (valid U-Net: larger)
+        return model.valid_input_size(n) if model.halo > 0 else n
+
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)
         with counter:
-            model(torch.zeros(1, 1, 256, 256))
-        x = torch.rand(1, 1, 512, 512)
+            model(torch.zeros(1, 1, size(256), size(256)))
+        x = torch.rand(1, 1, size(512), size(512))
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
@@ -337,6 +345,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=WEIGHTS)
     parser.add_argument(
+        "--evaluate",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only score and save trained fp32 checkpoints (named <variant>.safetensors)",
+    )
+    parser.add_argument(
         "--rescore",
         nargs="+",
         default=None,
@@ -349,6 +364,13 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
+    if args.evaluate:
+        from napari_unet.checkpoint import load_model
+
+        for path in args.evaluate:
+            model = load_model(path)
+            evaluate_and_save(path.stem, model, dict(model.training_summary), args.out_dir, log)
+        return
     if args.rescore:
         for name in args.rescore:
             rescore(name, log)
@@ -357,6 +379,8 @@ def main() -> None:
         spec = ZOO[name]
         steps = max(1, round(spec["steps"] * args.steps_scale))
         model, summary = train_variant(name, spec, steps, log)
+        raw = save_model(model, RAW / f"{name}.safetensors", training=summary, overwrite=True)
+        log(f"saved the trained fp32 weights to {raw} (--evaluate {raw} to resume)")
         evaluate_and_save(name, model, summary, args.out_dir, log)
 
 
