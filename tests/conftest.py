@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,3 +26,7 @@ def nuclei():
 def pytest_configure(config):
     # Tiny networks run fastest on one thread; also keeps timings stable on shared CPUs.
     torch.set_num_threads(1)
+    # The suite's many fresh networks run on torch: an OpenVINO export per random network
+    # would cost seconds each. tests/test_backends.py exercises the OpenVINO runtime (the
+    # CPU default for users) explicitly, with its own cache folder.
+    os.environ.setdefault("NAPARI_UNET_RUNTIME", "torch")

@@ -277,6 +277,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     progress=bar,
                     cancel=_STOP,
                     out=probs_to.begin() if stream else None,
+                    runtime=args.runtime,
                 )
             finally:
                 bar.close()
@@ -320,7 +321,7 @@ def _predict_volume(args, image, model, layout, device, bar, method: str) -> np.
         labels = segment_stack(
             model, stack, method=method, axes="ZCYX", spacing=spacing,
             stitch_iou=args.stitch_iou, min_size=args.min_size, device=device,
-            tile_size=args.tile, batch_size=args.batch, progress=bar,
+            tile_size=args.tile, batch_size=args.batch, progress=bar, runtime=args.runtime,
         )  # fmt: skip
         out[idx] = np.where(labels > 0, labels + offset, 0)
         offset += int(labels.max())
@@ -532,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="tiles per batch")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--level", type=int, default=None, help="UNet++ pruning level 1..4")
+    p.add_argument(
+        "--runtime",
+        choices=("auto", "torch", "openvino"),
+        default=None,
+        help="inference runtime (default auto: OpenVINO on the CPU when installed, cached "
+        "per model; torch on CUDA)",
+    )
     p.add_argument(
         "--axes",
         default=None,

@@ -180,6 +180,7 @@ def predict(
     out: Any = None,
     halo: int | None = None,
     scheduler: Any = None,
+    runtime: str | None = None,
 ) -> Any:
     """Class probabilities of ``image``, float32 ``(C, *leading, Y, X)``.
 
@@ -192,6 +193,11 @@ def predict(
     an array) to write into instead of memory. ``progress(done, total)`` is called after
     each batch of tiles; ``cancel`` (an Event or callable) stops within one batch by
     raising :class:`Cancelled`; a zarr store created here is then removed.
+
+    ``runtime``: ``"auto"`` (``$NAPARI_UNET_RUNTIME``, else OpenVINO on the CPU when
+    installed), ``"torch"`` or ``"openvino"`` (see :mod:`napari_unet.backends`): exact mode
+    compiles at fp32 (equal to torch to ~1e-5); the default mode at bf16 on CPUs with bf16
+    matrix units unless ``amp=False``.
 
     ``scheduler`` (a ``distributed.Client``, ``"tcp://…"`` or ``"local:N"``): predict on a
     dask cluster instead, chunk by chunk, into the zarr group ``out`` (required), and
@@ -254,6 +260,7 @@ def predict(
                     progress,
                     cancel,
                     halo,
+                    runtime,
                 )
                 break
             except torch.cuda.OutOfMemoryError:
@@ -284,6 +291,27 @@ def predict(
     return arrays[0]
 
 
+def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> Any:
+    """The OpenVINO backend for this plan's window, or None (torch): see
+    :func:`napari_unet.backends.resolve_runtime`; a model that cannot be converted stays on
+    torch with a one-line warning."""
+    from .backends import openvino_backend, resolve_runtime
+    from .runtime import cpu_has_bf16
+
+    name, _ = resolve_runtime(dev, runtime)
+    if name != "openvino":
+        return None
+    fast = not exact and amp is not False and cpu_has_bf16()
+    window = (model.in_channels, *plan.window_shape)
+    backend = openvino_backend(
+        model, window, outputs=opts.outputs, level=opts.level, precision="bf16" if fast else "f32"
+    )
+    if isinstance(backend, str):
+        warnings.warn(f"napari-unet: running on torch: {backend}", stacklevel=4)
+        return None
+    return backend
+
+
 def _predict_into(
     model: SegmentationModel,
     layout: Layout,
@@ -298,6 +326,7 @@ def _predict_into(
     progress: Callable[[int, int], None] | None,
     cancel: Any,
     halo: int | None,
+    runtime: str | None = None,
 ) -> None:
     plan = tile_plan_for(model, layout.spatial, tile_size=tile, exact=exact, device=dev, halo=halo)
     opts = RunOptions(
@@ -326,6 +355,7 @@ def _predict_into(
         if opts.channels_last:
             model.to(memory_format=torch.channels_last)
         try:
+            opts.backend = _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts)
             for p in range(layout.n_planes):
                 plane = layout.plane(p)
                 stats = normalization_stats(layout.convert(sample_plane(plane)), norm)

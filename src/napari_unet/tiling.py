@@ -239,6 +239,8 @@ class RunOptions:
     channels_last: bool
     outputs: str = "final"  # "final" or "all"
     level: int | None = None
+    backend: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    """A compiled runtime (:mod:`napari_unet.backends`) used instead of the torch model."""
 
 
 def activation(logits: torch.Tensor) -> torch.Tensor:
@@ -248,6 +250,8 @@ def activation(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(model: SegmentationModel, x: torch.Tensor, opts: RunOptions) -> list[torch.Tensor]:
+    if opts.backend is not None:
+        return [torch.from_numpy(o) for o in opts.backend(x.numpy())]
     kwargs = {"level": opts.level} if opts.level is not None else {}
     with torch.inference_mode():
         with torch.autocast(

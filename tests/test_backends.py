@@ -1,0 +1,139 @@
+"""The OpenVINO runtime behind the tiler: exact equality, bf16 label agreement, the export
+cache (keyed by the weights: invalidated by training), and the torch fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino")
+
+from napari_unet import backends
+from napari_unet.checkpoint import load_default_model
+from napari_unet.metrics import object_metrics
+from napari_unet.models import build_model
+from napari_unet.models.base import SegmentationModel
+from napari_unet.postprocess import segment
+from napari_unet.predict import predict
+from napari_unet.runtime import cpu_has_bf16
+from napari_unet.synthetic import synthetic_nuclei
+
+
+@pytest.fixture(autouse=True)
+def _openvino(tmp_path, monkeypatch):
+    """The users' default (runtime auto → OpenVINO on the CPU), a fresh cache folder."""
+    monkeypatch.delenv(backends.RUNTIME_ENV, raising=False)
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    backends.clear_compiled()
+    yield
+    backends.clear_compiled()
+
+
+def _exported(tmp_path):
+    return sorted((tmp_path / "cache" / "openvino").glob("*.xml"))
+
+
+def test_auto_is_openvino_on_the_cpu(monkeypatch):
+    assert backends.resolve_runtime(torch.device("cpu"))[0] == "openvino"
+    assert backends.resolve_runtime(torch.device("cpu"), "torch")[0] == "torch"
+    monkeypatch.setenv(backends.RUNTIME_ENV, "torch")
+    assert backends.resolve_runtime(torch.device("cpu"))[0] == "torch"
+    with pytest.raises(ValueError, match="runtime must be"):
+        backends.resolve_runtime(torch.device("cpu"), "tensorrt")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, extra",
+    [
+        ("unet", {"base_channels": 4, "depth": 3}, {}),
+        ("unet", {"base_channels": 4, "depth": 2, "padding": "valid"}, {}),
+        ("unetpp", {"base_channels": 4, "depth": 3}, {"level": 2}),
+        ("unetpp", {"base_channels": 4, "depth": 3}, {"outputs": "all"}),
+        ("u2netp", {}, {}),
+    ],
+)
+def test_exact_mode_equals_the_whole_image_torch_output(name, kwargs, extra, tmp_path):
+    model = build_model(name, 1, 3, **kwargs).eval()
+    rng = np.random.default_rng(0)
+    image = rng.random((150, 170), np.float32)
+    tile = model.valid_input_size(60) if model.info.halo else 96  # several windows
+    ref = predict(model, image, exact=True, runtime="torch", tile_size=tile, device="cpu", **extra)
+    got = predict(model, image, exact=True, tile_size=tile, device="cpu", **extra)
+    assert _exported(tmp_path), "the OpenVINO runtime was used"
+    if extra.get("outputs") == "all":
+        assert len(got[1]) == len(ref[1]) == 3
+        pairs = [(got[0], ref[0]), *zip(got[1], ref[1])]
+    else:
+        pairs = [(got, ref)]
+    for a, b in pairs:
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1e-4
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 matrix units")
+def test_bf16_default_labels_agree_with_fp32(nuclei, tmp_path):
+    model = load_default_model()
+    images = [nuclei[0]] + [synthetic_nuclei((256, 256), seed=s)[0] for s in (1, 2)]
+    for image in images:
+        fast = predict(model, image, device="cpu")  # the default: bf16 on this CPU
+        exact32 = predict(model, image, device="cpu", runtime="torch", amp=False)
+        assert np.abs(fast - exact32).max() > 1e-4  # it really ran in bf16
+        a = segment(fast, class_names=model.class_names)
+        b = segment(exact32, class_names=model.class_names)
+        assert object_metrics(b, a)["f1"] >= 0.99
+
+
+def test_cache_is_keyed_by_the_weights_and_training_invalidates_it(nuclei, tmp_path):
+    from napari_unet import train
+
+    image, labels = nuclei
+    model = build_model("unet", 1, 3, base_channels=4, depth=2)
+    crop = image[:96, :128]
+    first = predict(model, crop, exact=True, device="cpu")
+    assert len(_exported(tmp_path)) == 1
+    backends.clear_compiled()
+    again = predict(model, crop, exact=True, device="cpu")  # read back from the disk cache
+    assert len(_exported(tmp_path)) == 1 and np.array_equal(first, again)
+    train(model, image, labels, roi=(0, 128, 0, 128), steps=2, batch_size=2, patch_size=64,
+          val_fraction=0.0, device="cpu")  # fmt: skip
+    after = predict(model, crop, exact=True, device="cpu")
+    assert len(_exported(tmp_path)) == 2  # new weights → a new export, the old one not trusted
+    ref = predict(model, crop, exact=True, device="cpu", runtime="torch")
+    assert np.abs(after - ref).max() <= 1e-4
+    assert np.abs(after - first).max() > 1e-3
+
+
+class _Unconvertible(SegmentationModel):
+    """A network OpenVINO cannot convert (an SVD in the forward pass)."""
+
+    name = "svd_net"
+
+    def __init__(self) -> None:
+        super().__init__(1, 2)
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self._receptive_field = 2
+
+    @property
+    def tile_exact(self) -> bool:
+        return False
+
+    def _forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x)
+        s = torch.linalg.svdvals(y.flatten(2)).sum(-1)
+        return [y + 0 * s[..., None, None]]
+
+
+def test_a_model_that_cannot_be_converted_runs_on_torch_with_one_line(tmp_path):
+    model = _Unconvertible().eval()
+    image = np.random.default_rng(1).random((64, 64), np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = predict(model, image, device="cpu")
+    lines = [str(w.message) for w in caught if "running on torch" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0] and "svd_net" in lines[0]
+    ref = predict(model, image, device="cpu", runtime="torch")
+    assert np.array_equal(got, ref)
+    assert not _exported(tmp_path)  # nothing half-written is left in the cache
