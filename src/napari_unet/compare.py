@@ -258,6 +258,13 @@ def compare_models(
         for out_name, level, final, probs, seconds, params in outputs:
             preds = [segment(p, class_names=names) for p in probs]
             s = _score(gt_crops, preds, excludes, ap)
+            kept = None
+            if keep_labels:
+                kept = np.zeros(labels.shape, np.uint32)
+                offset = 0
+                for ((cy0, cy1, cx0, cx1), _), pred in zip(windows, preds):
+                    kept[cy0:cy1, cx0:cx1] = np.where(pred > 0, pred + offset, 0)
+                    offset += int(pred.max())
             rows.append(
                 CompareRow(
                     name=name,
@@ -266,8 +273,10 @@ def compare_models(
                     final=final,
                     seconds=round(seconds, 3),
                     parameters=params,
+                    model=model,
+                    labels=kept,
                     **s,
-                )  # fmt: skip
+                )
             )
         if progress is not None:
             progress(done + 1, len(items), name)
