@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "OutputError",
+    "OutputExistsError",
     "Target",
     "commit_all",
     "fresh_folder",
@@ -55,6 +56,10 @@ _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 
 class OutputError(ValueError):
     """An output that cannot or must not be written (one line, names the problem)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output exists and ``overwrite`` was not given (also a ``FileExistsError``)."""
 
 
 def is_zarr(path: str | os.PathLike[str]) -> bool:
@@ -147,7 +152,7 @@ class Target:
             raise OutputError(f"{self.path}: nothing was written")
         if os.path.lexists(self.path):
             if not self.overwrite:
-                raise OutputError(
+                raise OutputExistsError(
                     f"{self.path} appeared while computing; choose another name or pass --overwrite"
                 )
             _check_kind(self.path, self.kind)
@@ -265,7 +270,7 @@ def plan_output(
             raise OutputError(f"{raw} exists and is not a zarr store (not a folder)")
     elif os.path.lexists(raw):
         if not overwrite:
-            raise OutputError(f"{raw} exists; choose another name or pass --overwrite")
+            raise OutputExistsError(f"{raw} exists; choose another name or pass --overwrite")
         _check_kind(raw, kind)
     _check_folder(real.parent, raw)
     return Target(raw, kind, overwrite)
