@@ -114,6 +114,11 @@ def input_location(obj: Any) -> Path | None:
 def _overlaps(a: Path, b: Path) -> str | None:
     if a == b:
         return "is"
+    try:  # another name for the same file (a hard link, a bind mount)
+        if os.path.samefile(a, b):
+            return "is"
+    except OSError:
+        pass
     if a.is_relative_to(b):
         return "is inside"
     if b.is_relative_to(a):
@@ -254,9 +259,12 @@ def plan_output(
             continue
         rel = _overlaps(real, loc)
         if rel is not None:
-            shown = raw if _resolve(raw) == real else f"{raw} (= {real})"
+            shown = raw if Path(os.path.abspath(raw)) == real else f"{raw} (→ {real})"
+            source = loc
+            if isinstance(inp, (str, os.PathLike)) and _resolve(Path(os.fspath(inp))) != loc:
+                source = f"{loc} (the store of {os.fspath(inp)})"
             raise OutputError(
-                f"{what} {shown} {rel} the input {loc}; an output must never be, contain "
+                f"{what} {shown} {rel} the input {source}; an output must never be, contain "
                 "or be inside an input — choose another name"
             )
     for other in others:
