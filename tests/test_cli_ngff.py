@@ -126,10 +126,11 @@ def test_cli_3d_uses_the_metadata_scale(tmp_path, model, capsys):
     tifffile.imwrite(flat, image[0])
     assert main(["predict", str(flat), "-o", str(tmp_path / "x.tif"), "--3d"]) == 2
     assert "Z axis" in capsys.readouterr().err
-    assert (
-        main(["predict", str(path), "-o", str(tmp_path / "y.zarr"), "--3d", "--dask", "local:1"])
-        == 2
-    )
+    stack_tif = tmp_path / "stack.tif"
+    tifffile.imwrite(stack_tif, image)
+    assert main(["predict", str(stack_tif), "-o", str(tmp_path / "y.zarr"), "--3d", "--dask",
+                 "local:1"]) == 2  # fmt: skip
+    assert "zarr stack" in capsys.readouterr().err
     assert (
         main(["predict", str(path), "-o", str(tmp_path / "z.tif"), "--3d", "--scale", "1,0"]) == 2
     )

@@ -200,8 +200,8 @@ def _check_targets(args: argparse.Namespace, image_ngff: bool | None) -> None:
     """Refuse impossible output requests; ``image_ngff`` None: the image is not open yet."""
     if args.output is None and args.labels_into_image is None:
         raise ValueError("give the labels output: -o OUT.tif|OUT.zarr, or --labels-into-image NAME")
-    if _volume_method(args) and (args.dask or args.mode != "instance"):
-        raise ValueError("--3d/--stitch make instance labels in one process; drop --dask/--mode")
+    if _volume_method(args) and args.mode != "instance":
+        raise ValueError("--3d/--stitch make instance labels; drop --mode")
     if args.labels_into_image is not None and image_ngff is not None:
         if args.dask:
             raise ValueError("--labels-into-image is not available with --dask; use -o OUT.zarr")
@@ -340,6 +340,8 @@ def _predict_dask(args: argparse.Namespace, image) -> int:
             "--dask writes the probabilities into the output store; drop --probabilities"
         )
     check_scheduler(args.dask)
+    if _volume_method(args):
+        return _predict_volume_dask(args, image)
     plan_output(
         args.output, ("zarr",), overwrite=args.overwrite, resume=not args.overwrite,
         inputs=[args.image, _model_path(args.model)], what="output store",
@@ -373,6 +375,51 @@ def _predict_dask(args: argparse.Namespace, image) -> int:
         "an interrupted run resumes when started again with the same output",
         file=sys.stderr,
     )
+    return 0
+
+
+def _predict_volume_dask(args: argparse.Namespace, image) -> int:
+    """``--3d/--stitch --dask``: 3-D labels slab by slab on the cluster into OUT.zarr/labels
+    (an NGFF group, the layout of the 2-D ``--dask`` output without probabilities)."""
+    import shutil
+
+    import zarr
+
+    from .ngff import add_labels_metadata
+    from .outputs import plan_output
+    from .volume_dask import segment_stack_distributed
+
+    store = getattr(image.data, "store", None)
+    root = getattr(store, "root", None)
+    if root is None or image.data.ndim != 3 or (args.axes or image.axes or "ZYX") != "ZYX":
+        raise ValueError(
+            "--3d/--stitch with --dask read a (Z, Y, X) zarr stack that the workers can open; "
+            f"{args.image} is not one (convert it to zarr, or drop --dask)"
+        )
+    if args.overwrite:
+        raise ValueError("--3d/--stitch with --dask write a new store; drop --overwrite")
+    plan_output(
+        args.output, ("zarr",), inputs=[args.image, _model_path(args.model)],
+        what="output store",
+    )  # fmt: skip
+    source = str(Path(root) / image.data.path)
+    bar = _ProgressBar("predict (slabs)")
+    zarr.open_group(args.output, mode="w-")  # fails, touching nothing, if it appeared meanwhile
+    try:
+        labels = segment_stack_distributed(
+            None if args.model is None else _cli_model(args.model, args.untrained),
+            source, f"{args.output}/labels", scheduler=args.dask,
+            method=_volume_method(args), spacing=_spacing(args, image),
+            stitch_iou=args.stitch_iou, min_size=args.min_size, device=args.device,
+            progress=bar, tile_size=args.tile, batch_size=args.batch, runtime=args.runtime,
+        )  # fmt: skip
+        add_labels_metadata(args.output, "ZYX", image.ngff)
+    except BaseException:
+        shutil.rmtree(args.output, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    print(f"wrote {args.output} (3-D labels {labels.shape})", file=sys.stderr)
     return 0
 
 
