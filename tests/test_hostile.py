@@ -116,15 +116,20 @@ def cli(args, cwd: Path, *, env=None, fsize=None, timeout=TIMEOUT, prefix=()) ->
     return Outcome(proc.returncode, err, seconds, peak_mib, hung)
 
 
-def cli_inproc(args, capsys) -> Outcome:
-    """``main(ARGS)`` in this process (cases that cannot hang or blow memory)."""
+def cli_inproc(args, capsys, cwd: Path | None = None) -> Outcome:
+    """``main(ARGS)`` in this process, in ``cwd`` (cases that cannot hang or blow memory)."""
     from napari_unet.cli import main
 
+    here = os.getcwd()
     t0 = time.perf_counter()
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         rc = main([str(a) for a in args])
     except SystemExit as exc:  # argparse
         rc = exc.code
+    finally:
+        os.chdir(here)
     return Outcome(rc, capsys.readouterr().err, time.perf_counter() - t0)
 
 
@@ -301,12 +306,7 @@ def test_checkpoint(name, case, capsys):
         out = cli(args, case)
         assert out.seconds < 30, f"{name} took {out.seconds:.0f} s"
     else:
-        cwd = os.getcwd()
-        os.chdir(case)
-        try:
-            out = cli_inproc(args, capsys)
-        finally:
-            os.chdir(cwd)
+        out = cli_inproc(args, capsys, case)
     record("checkpoints", name, out, expect=expect, before=before, after=_snapshot(case))
 
 
@@ -376,29 +376,24 @@ def _two_channel_model(case):
 def test_ome_axes_are_honoured(case, capsys):
     """CYX and CZYX recorded in the file: channels stay channels (not planes)."""
     _two_channel_model(case)
-    cwd = os.getcwd()
-    os.chdir(case)
-    try:
-        for name, make, shape in (
-            ("ome_cyx", _ome, (40, 48)),
-            ("ome_czyx", _ome_czyx, (3, 40, 48)),
-        ):
-            make(case)
-            before = _snapshot(case)
-            out = cli_inproc(["predict", "img.ome.tif", "-m", "m2.safetensors", "-o", "o.tif", "--probabilities", "p.tif"], capsys)  # fmt: skip
-            record("images", name, out, expect=None, before=before, after=_snapshot(case), allowed_new=("o.tif", "p.tif"))  # fmt: skip
-            assert tifffile.imread(case / "o.tif").shape == shape
-            assert tifffile.imread(case / "p.tif").shape == (3, *shape)
-            os.remove(case / "o.tif")
-            os.remove(case / "p.tif")
-            # a one-channel model on it: a clear error asking for a channel
-            before = _snapshot(case)
-            out = cli_inproc(
-                ["predict", "img.ome.tif", "-m", "m.safetensors", "-o", "o.tif"], capsys
-            )
-            record("images", f"{name}_one_channel_model", out, expect=r"2 channel.*channel=", before=before, after=_snapshot(case))  # fmt: skip
-    finally:
-        os.chdir(cwd)
+    for name, make, shape in (
+        ("ome_cyx", _ome, (40, 48)),
+        ("ome_czyx", _ome_czyx, (3, 40, 48)),
+    ):
+        make(case)
+        before = _snapshot(case)
+        out = cli_inproc(["predict", "img.ome.tif", "-m", "m2.safetensors", "-o", "o.tif", "--probabilities", "p.tif"], capsys, case)  # fmt: skip
+        record("images", name, out, expect=None, before=before, after=_snapshot(case), allowed_new=("o.tif", "p.tif"))  # fmt: skip
+        assert tifffile.imread(case / "o.tif").shape == shape
+        assert tifffile.imread(case / "p.tif").shape == (3, *shape)
+        os.remove(case / "o.tif")
+        os.remove(case / "p.tif")
+        # a one-channel model on it: a clear error asking for a channel
+        before = _snapshot(case)
+        out = cli_inproc(
+            ["predict", "img.ome.tif", "-m", "m.safetensors", "-o", "o.tif"], capsys, case
+        )
+        record("images", f"{name}_one_channel_model", out, expect=r"2 channel.*channel=", before=before, after=_snapshot(case))  # fmt: skip
 
 
 def _mixed_tiff(case):
@@ -476,12 +471,9 @@ def test_image(name, case, capsys):
     make, image, extra, expect, allowed = IMAGE_CASES[name]
     make(case)
     before = _snapshot(case)
-    cwd = os.getcwd()
-    os.chdir(case)
-    try:
-        out = cli_inproc(["predict", image, "-m", "m.safetensors", "-o", "out.tif", *extra], capsys)
-    finally:
-        os.chdir(cwd)
+    out = cli_inproc(
+        ["predict", image, "-m", "m.safetensors", "-o", "out.tif", *extra], capsys, case
+    )
     record("images", name, out, expect=expect, before=before, after=_snapshot(case), allowed_new=allowed)  # fmt: skip
     if expect is None:
         assert tifffile.imread(case / "out.tif").dtype == np.uint32
@@ -553,12 +545,7 @@ def test_output(name, case, capsys):
         setup(case)
     before = _snapshot(case)
     replaced = {"overwrite_tif_ok": ["out.tif"], "overwrite_zarr_probabilities": [k for k in before if k.startswith("p.zarr")]}.get(name, [])  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(case)
-    try:
-        out = cli_inproc(["predict", *args[:1], "-m", "m.safetensors", *args[1:]], capsys)
-    finally:
-        os.chdir(cwd)
+    out = cli_inproc(["predict", *args[:1], "-m", "m.safetensors", *args[1:]], capsys, case)
     after = _snapshot(case)
     kept = [k for k in before if k not in replaced]
     allowed = (*allowed, *(["p.zarr*"] if name == "overwrite_zarr_probabilities" else []))
@@ -657,19 +644,14 @@ def test_demo_headless_keeps_earlier_results(case):
 
 def test_train_output_checks(case, capsys):
     tifffile.imwrite(case / "ann.tif", np.zeros((48, 64), np.uint16))
-    cwd = os.getcwd()
-    os.chdir(case)
-    try:
-        for name, args, expect in (
-            ("train_output_is_image", ["in.tif", "ann.tif", "-o", "in.tif", "--overwrite"], r"unsupported model output format"),
-            ("train_output_is_init", ["in.tif", "ann.tif", "-o", "m.safetensors", "--init", "m.safetensors", "--overwrite"], r"is the input"),
-            ("train_output_exists", ["in.tif", "ann.tif", "-o", "m.safetensors"], r"exists"),
-        ):  # fmt: skip
-            before = _snapshot(case)
-            out = cli_inproc(["train", *args], capsys)
-            record("outputs", name, out, expect=expect, before=before, after=_snapshot(case))
-    finally:
-        os.chdir(cwd)
+    for name, args, expect in (
+        ("train_output_is_image", ["in.tif", "ann.tif", "-o", "in.tif", "--overwrite"], r"unsupported model output format"),
+        ("train_output_is_init", ["in.tif", "ann.tif", "-o", "m.safetensors", "--init", "m.safetensors", "--overwrite"], r"is the input"),
+        ("train_output_exists", ["in.tif", "ann.tif", "-o", "m.safetensors"], r"exists"),
+    ):  # fmt: skip
+        before = _snapshot(case)
+        out = cli_inproc(["train", *args], capsys, case)
+        record("outputs", name, out, expect=expect, before=before, after=_snapshot(case))
 
 
 # -------------------------------------------------------------------------------- dask
@@ -687,12 +669,7 @@ def test_bad_scheduler(name, address, expect, case, capsys):
     before = _snapshot(case)
     args = ["predict", "in.tif", "-m", "m.safetensors", "-o", "o.zarr", "--dask", address]
     if address.startswith("local:"):  # refused by parsing alone: in-process
-        cwd = os.getcwd()
-        os.chdir(case)
-        try:
-            out = cli_inproc(args, capsys)
-        finally:
-            os.chdir(cwd)
+        out = cli_inproc(args, capsys, case)
     else:  # could connect, hang or time out: a subprocess under the limits
         out = cli(args, case, timeout=60)
     record("dask", name, out, expect=expect, before=before, after=_snapshot(case))
@@ -854,9 +831,9 @@ def test_valid_unet_any_tile_size(depth):
 
 def test_argparse_errors_are_one_line(case, capsys):
     before = _snapshot(case)
-    out = cli_inproc(["predict"], capsys)
+    out = cli_inproc(["predict"], capsys, case)
     record("API", "cli_missing_argument", out, expect=r"required", before=before, after=_snapshot(case))  # fmt: skip
-    out = cli_inproc(["predict", "in.tif", "-o", "x.tif", "--tile", "big"], capsys)
+    out = cli_inproc(["predict", "in.tif", "-o", "x.tif", "--tile", "big"], capsys, case)
     record("API", "cli_bad_int", out, expect=r"invalid int value", before=before, after=_snapshot(case))  # fmt: skip
 
 
