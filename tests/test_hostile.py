@@ -692,7 +692,12 @@ def test_two_runs_on_one_store(case):
         while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert lock.exists(), "the first run did not take the lock"
-        second = cli(["predict", "big.tif", "-m", "m.safetensors", "-o", "res.zarr", "--dask", "local:1"], case, timeout=60)  # fmt: skip
+        # hold the first run while the second starts (deterministic, however fast it is)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = cli(["predict", "big.tif", "-m", "m.safetensors", "-o", "res.zarr", "--dask", "local:1"], case, timeout=60)  # fmt: skip
+        finally:
+            first.send_signal(signal.SIGCONT)
         _, err = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
