@@ -747,3 +747,54 @@ def test_inspect_alone_loads_a_model_and_follows_undo(make_napari_viewer, qtbot)
     w.image.set_layer(viewer.layers["nuclei"])
     wait_job(qtbot, w.show_side_outputs())
     assert w.table.rowCount() >= 1
+
+
+def test_model_widget_exports_and_loads_a_bioimageio_package(make_napari_viewer, qtbot, tmp_path):
+    """Export the bundled model from the Model widget, load the package back through the same
+    widget: it joins the model list and predicts like the original."""
+    pytest.importorskip("bioimageio.spec")
+    from napari_unet._widgets import ModelWidget
+    from napari_unet.checkpoint import load_default_model
+    from napari_unet.predict import predict
+
+    viewer = make_napari_viewer()
+    widget = ModelWidget(viewer)
+    qtbot.waitUntil(lambda: widget.state.model is not None, timeout=60000)
+    original = widget.state.model
+    job = widget.export_package(tmp_path / "nuclei")
+    qtbot.waitUntil(lambda: not job.running, timeout=180000)
+    assert (tmp_path / "nuclei.zip").is_file(), widget.status.text()
+    assert "Exported" in widget.status.text()
+    before = len(widget.state.entries)
+    job = widget.load_checkpoint(tmp_path / "nuclei.zip")
+    qtbot.waitUntil(lambda: not job.running, timeout=60000)
+    assert len(widget.state.entries) == before + 1
+    loaded = widget.state.entries[-1].model
+    image = np.random.default_rng(0).random((64, 64), np.float32)
+    ref = predict(load_default_model(), image, device="cpu")
+    assert np.abs(predict(loaded, image, device="cpu") - ref).max() <= 1e-6
+    assert original is not loaded
+    assert "runtime" in widget.info and widget.info["runtime"].text() != "—"
+
+
+def test_predict_widget_makes_3d_objects_with_the_layer_scale(make_napari_viewer, qtbot):
+    from napari_unet._widgets import PredictWidget
+    from napari_unet.synthetic import synthetic_nuclei_3d
+
+    viewer = make_napari_viewer()
+    image, truth = synthetic_nuclei_3d((8, 96, 96), spacing=(4.0, 1.0, 1.0), seed=2)
+    layer = viewer.add_image(image, name="stack", scale=(4.0, 1.0, 1.0))
+    widget = PredictWidget(viewer)
+    qtbot.waitUntil(lambda: widget.state.model is not None, timeout=60000)
+    widget.image.setCurrentIndex(widget.image.findText(layer.name))
+    widget._update_enabled()
+    assert widget.objects_3d.isEnabled()
+    widget.objects_3d.setChecked(True)
+    job = widget.run()
+    qtbot.waitUntil(lambda: not job.running, timeout=120000)
+    result = widget.last_layers["labels"]
+    assert tuple(result.scale) == (4.0, 1.0, 1.0)
+    ids = [set(np.unique(result.data[z])) - {0} for z in range(8)]
+    spanning = [i for i in set().union(*ids) if sum(i in s for s in ids) >= 2]
+    assert spanning, "objects continue across planes"
+    assert result.data.max() < 0.5 * sum(len(s) for s in ids)

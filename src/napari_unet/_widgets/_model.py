@@ -29,6 +29,8 @@ from ._state import ModelEntry, get_state
 WIDTH_KEYS = ("base_channels", "embed_dim")
 DEPTH_KEYS = ("depth",)
 CHECKPOINT_FILTER = "napari-unet checkpoints (*.safetensors)"
+LOAD_FILTER = "napari-unet checkpoints or bioimage.io packages (*.safetensors *.zip)"
+PACKAGE_FILTER = "bioimage.io model packages (*.zip)"
 
 
 def variant_defaults(name: str) -> dict[str, Any]:
@@ -54,6 +56,9 @@ TERMS = {
     "UNet++ levels": "UNet++ can be cut to a smaller network (level L): parameters per level",
     "device": "Where the network runs (CPU or GPU)",
     "training": "How this model was trained in this viewer",
+    "runtime": "The engine that computes predictions: OpenVINO on the CPU (several times "
+    "faster than plain PyTorch; the first prediction with a new model converts it once), "
+    "PyTorch on a GPU",
 }
 
 
@@ -108,6 +113,23 @@ def new_model_defaults(state: Any, defaults: dict[str, Any], name: str) -> dict[
     return out
 
 
+def runtime_text(model: Any, device: str) -> str:
+    """Which inference runtime predictions of ``model`` use here, and how to get faster."""
+    from ..backends import resolve_runtime
+    from ..predict import select_device
+    from ..runtime import cpu_has_bf16
+
+    try:
+        dev, _ = select_device(device)
+        name, why = resolve_runtime(dev)
+    except ValueError as exc:
+        return f"unavailable: {exc}"
+    if name == "openvino":
+        precision = "bf16 (this CPU has bf16 units)" if cpu_has_bf16() else "f32"
+        return f"{why}, {precision}; exported once per model and window, then cached"
+    return why
+
+
 def describe(model: Any, device: str) -> dict[str, str]:
     """Rows of the info panel (engine import; run in a worker: measures the RF once)."""
     from ..postprocess import default_class_names
@@ -130,6 +152,7 @@ def describe(model: Any, device: str) -> dict[str, str]:
         "deep-supervision outputs": str(info.deep_supervision_outputs),
         "exact tiling": "yes" if info.tile_exact else "no (Gaussian-blended tiles)",
         "device": why,
+        "runtime": runtime_text(model, device),
     }
     summary = getattr(model, "training_summary", None)
     if summary:
@@ -157,6 +180,7 @@ class ModelWidget(Panel):
         "UNet++ levels",
         "training",
         "device",
+        "runtime",
     )
 
     def __init__(self, napari_viewer: Any) -> None:
@@ -184,9 +208,16 @@ class ModelWidget(Panel):
         self.models.setWordWrap(True)
         self.models.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.load_button = QPushButton("Load…")
-        self.load_button.setToolTip("Add a .safetensors checkpoint to the list")
+        self.load_button.setToolTip(
+            "Add a .safetensors checkpoint or a bioimage.io model package (.zip) to the list"
+        )
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("Save the selected model (with its training summary)")
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip(
+            "Write the selected model as a bioimage.io model package (.zip) that Fiji "
+            "(deepImageJ), QuPath, ilastik and bioimageio.core run"
+        )
         self.remove_button = QPushButton("Remove")
         self.remove_button.setToolTip("Take the selected model off the list (bundled ones stay)")
 
@@ -223,6 +254,7 @@ class ModelWidget(Panel):
         files = QHBoxLayout()
         files.addWidget(self.load_button)
         files.addWidget(self.save_button)
+        files.addWidget(self.export_button)
         files.addWidget(self.remove_button)
         mlayout.addLayout(files)
 
@@ -259,6 +291,7 @@ class ModelWidget(Panel):
         self.build_button.clicked.connect(self.build)
         self.load_button.clicked.connect(self._ask_load)
         self.save_button.clicked.connect(self._ask_save)
+        self.export_button.clicked.connect(self._ask_export)
         self.remove_button.clicked.connect(self._remove_selected)
         self.models.currentRowChanged.connect(self._on_row)
         self.state.models_changed.connect(self._fill_list)
@@ -493,8 +526,12 @@ class ModelWidget(Panel):
 
     def load_checkpoint(self, path: str | Path) -> Job | None:
         path = Path(path)
-        if path.suffix.lower() != ".safetensors":
-            set_status(self.status, f"{path.name}: only .safetensors checkpoints load.", "error")
+        if path.suffix.lower() not in (".safetensors", ".zip"):
+            set_status(
+                self.status,
+                f"{path.name}: load a .safetensors checkpoint or a bioimage.io package (.zip).",
+                "error",
+            )
             return None
 
         def work(report: Any, cancel: Any) -> Any:
@@ -505,7 +542,8 @@ class ModelWidget(Panel):
             return model
 
         def done(model: Any) -> None:
-            self.state.add_model(model, f"checkpoint {path.name}", kind="checkpoint")
+            kind = "package" if path.suffix.lower() == ".zip" else "checkpoint"
+            self.state.add_model(model, f"{kind} {path.name}", kind="checkpoint")
             set_status(self.status, f"Loaded {path}.", "ok")
 
         return self._run(work, done, f"Loading {path.name}")
@@ -531,8 +569,36 @@ class ModelWidget(Panel):
 
         return self._run(work, done, f"Saving {path.name}")
 
+    def export_package(self, path: str | Path, entry: ModelEntry | None = None) -> Job | None:
+        """Write the selected model as a bioimage.io package (in a worker)."""
+        entry = entry or self.selected_entry() or self.state.current
+        model = entry.model if entry is not None else None
+        if model is None:
+            set_status(self.status, "No model to export.", "warn")
+            return None
+        path = Path(path)
+        if path.suffix.lower() != ".zip":
+            path = path.with_name(path.name + ".zip")
+
+        def work(report: Any, cancel: Any) -> Path:
+            from ..bioimageio import export_bioimageio
+
+            return export_bioimageio(model, path, overwrite=path.exists())
+
+        def done(written: Path) -> None:
+            set_status(self.status, f"Exported {written} (bioimage.io model package).", "ok")
+
+        return self._run(work, done, f"Exporting {path.name}")
+
+    def _ask_export(self) -> None:
+        entry = self.selected_entry()
+        name = f"{entry.variant}.zip" if entry is not None else ""
+        path, _ = QFileDialog.getSaveFileName(self, "Export to bioimage.io", name, PACKAGE_FILTER)
+        if path:
+            self.export_package(path, entry)
+
     def _ask_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load checkpoint", "", CHECKPOINT_FILTER)
+        path, _ = QFileDialog.getOpenFileName(self, "Load model", "", LOAD_FILTER)
         if path:
             self.load_checkpoint(path)
 

@@ -77,8 +77,13 @@ def run_prediction(
     previous: dict[str, Any] | None = None,
     report: Any = None,
     cancel: Any = None,
+    objects_3d: bool = False,
 ) -> dict[str, Any]:
-    """Engine part of a prediction (runs in the worker thread): probabilities → labels."""
+    """Engine part of a prediction (runs in the worker thread): probabilities → labels.
+
+    ``objects_3d``: instance labels of a (Z, Y, X) stack made in 3-D (one object per
+    nucleus across planes, voxel size from the layer's scale) instead of plane by plane.
+    """
     from ..postprocess import default_class_names
     from ..predict import predict, select_device
     from ..tiling import Cancelled
@@ -109,8 +114,11 @@ def run_prediction(
     seconds = time.perf_counter() - t0
     names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
     out: dict[str, Any] = {"seconds": seconds, "device": why, "class_names": names}
-    if labels_mode is not None:
+    if labels_mode is not None and objects_3d and labels_mode == "instance":
+        labels = _segment_volume(probs, names, request, report)
+    elif labels_mode is not None:
         labels = _segment_planes(probs, labels_mode, names, report, cancel)
+    if labels_mode is not None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled")
         out["labels"] = place(
@@ -121,6 +129,24 @@ def run_prediction(
         out["probabilities"] = place(request, probs, previous.get("probabilities"), channels=True)
     out["total_seconds"] = time.perf_counter() - t0
     return out
+
+
+def _segment_volume(probs: np.ndarray, names: list[str], request: Any, report: Any) -> np.ndarray:
+    """3-D instance labels of (C, Z, Y, X) probabilities, spacing from the layer's scale."""
+    from ..volume import segment_volume
+
+    if probs.ndim != 4:
+        raise ValueError(
+            "3-D objects need a (Z, Y, X) stack; this image gives "
+            f"{probs.ndim - 1}-D probabilities (untick '3-D objects' or pick one time point)"
+        )
+    if report is not None:
+        report(("post", 0, 1))
+    spacing = tuple(float(s) for s in request.scale[-3:])
+    labels = segment_volume(probs, class_names=names, spacing=spacing)
+    if report is not None:
+        report(("post", 1, 1))
+    return labels
 
 
 def _segment_planes(
@@ -298,6 +324,12 @@ class PredictWidget(Panel):
             "UNet++ only: use a smaller part of the network (level L of its nested "
             "decoders): faster, usually a little less accurate"
         )
+        self.objects_3d = QCheckBox("3-D objects (Z-stack)")
+        self.objects_3d.setToolTip(
+            "For Z-stacks: one label per nucleus across planes (3-D seeds and watershed on "
+            "the stacked probabilities, voxel size from the layer's scale) instead of "
+            "labelling every plane on its own"
+        )
         self.current_slice = QCheckBox("current slice only")
         self.current_slice.setToolTip("For stacks and time series: predict the displayed plane")
         self.field_of_view = QCheckBox("visible field of view only")
@@ -320,6 +352,7 @@ class PredictWidget(Panel):
         form.addRow(term("batch", self.batch.toolTip()), self.batch)
         form.addRow(term("device", self.device.toolTip()), self.device)
         form.addRow(term("UNet++ level", self.level.toolTip()), self.level)
+        form.addRow("", self.objects_3d)
         form.addRow("", self.current_slice)
         form.addRow("", self.field_of_view)
         buttons = QHBoxLayout()
@@ -340,6 +373,7 @@ class PredictWidget(Panel):
         self.device.currentTextChanged.connect(self.state.set_device)
         self.image.currentIndexChanged.connect(self._update_enabled)
         self.channels.axis.currentIndexChanged.connect(self._update_enabled)
+        self.current_slice.toggled.connect(self._update_enabled)
         self.state.model_changed.connect(self._on_model_changed)
         self.state.device_changed.connect(self._on_device_changed)
         self.state.loading_changed.connect(self._on_model_changed)
@@ -383,9 +417,9 @@ class PredictWidget(Panel):
         layer = self.image.layer()
         in_ch = model.in_channels if model is not None else 1
         self.channels.update_for(layer, in_ch)
-        self.current_slice.setEnabled(
-            layer is not None and is_stack(layer, in_ch, self.channels.channels())
-        )
+        stack = layer is not None and is_stack(layer, in_ch, self.channels.channels())
+        self.current_slice.setEnabled(stack)
+        self.objects_3d.setEnabled(stack and not self.current_slice.isChecked())
         busy = self.job is not None and self.job.running
         self.controls.run.setEnabled(not busy and layer is not None)
         self.annotate.setEnabled(self._annotation_source() is not None)
@@ -466,6 +500,7 @@ class PredictWidget(Panel):
             "tile_size": self.tile.value() or None,
             "batch_size": self.batch.value() or None,
             "level": (self.level.value() or None) if self.level.isEnabled() else None,
+            "objects_3d": self.objects_3d.isChecked() and self.objects_3d.isEnabled(),
         }
 
         def work(report: Any, cancel: Any) -> tuple[Any, dict[str, Any]]:
