@@ -61,7 +61,9 @@ def test_exact_mode_equals_the_whole_image_torch_output(name, kwargs, extra, tmp
     image = rng.random((150, 170), np.float32)
     tile = model.valid_input_size(60) if model.info.halo else 96  # several windows
     ref = predict(model, image, exact=True, runtime="torch", tile_size=tile, device="cpu", **extra)
-    got = predict(model, image, exact=True, tile_size=tile, device="cpu", **extra)
+    got = predict(
+        model, image, exact=True, tile_size=tile, device="cpu", runtime="openvino", **extra
+    )
     assert _exported(tmp_path), "the OpenVINO runtime was used"
     if extra.get("outputs") == "all":
         assert len(got[1]) == len(ref[1]) == 3
@@ -78,7 +80,7 @@ def test_bf16_default_labels_agree_with_fp32(nuclei, tmp_path):
     model = load_default_model()
     images = [nuclei[0]] + [synthetic_nuclei((256, 256), seed=s)[0] for s in (1, 2)]
     for image in images:
-        fast = predict(model, image, device="cpu")  # the default: bf16 on this CPU
+        fast = predict(model, image, device="cpu", runtime="openvino")  # bf16 on this CPU
         exact32 = predict(model, image, device="cpu", runtime="torch", amp=False)
         assert np.abs(fast - exact32).max() > 1e-4  # it really ran in bf16
         a = segment(fast, class_names=model.class_names)
@@ -92,14 +94,14 @@ def test_cache_is_keyed_by_the_weights_and_training_invalidates_it(nuclei, tmp_p
     image, labels = nuclei
     model = build_model("unet", 1, 3, base_channels=4, depth=2)
     crop = image[:96, :128]
-    first = predict(model, crop, exact=True, device="cpu")
+    first = predict(model, crop, exact=True, device="cpu", runtime="openvino")
     assert len(_exported(tmp_path)) == 1
     backends.clear_compiled()
-    again = predict(model, crop, exact=True, device="cpu")  # read back from the disk cache
+    again = predict(model, crop, exact=True, device="cpu", runtime="openvino")  # disk cache
     assert len(_exported(tmp_path)) == 1 and np.array_equal(first, again)
     train(model, image, labels, roi=(0, 128, 0, 128), steps=2, batch_size=2, patch_size=64,
           val_fraction=0.0, device="cpu")  # fmt: skip
-    after = predict(model, crop, exact=True, device="cpu")
+    after = predict(model, crop, exact=True, device="cpu", runtime="openvino")
     assert len(_exported(tmp_path)) == 2  # new weights → a new export, the old one not trusted
     ref = predict(model, crop, exact=True, device="cpu", runtime="torch")
     assert np.abs(after - ref).max() <= 1e-4
@@ -131,9 +133,26 @@ def test_a_model_that_cannot_be_converted_runs_on_torch_with_one_line(tmp_path):
     image = np.random.default_rng(1).random((64, 64), np.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = predict(model, image, device="cpu")
+        got = predict(model, image, device="cpu", runtime="openvino")
     lines = [str(w.message) for w in caught if "running on torch" in str(w.message)]
     assert len(lines) == 1 and "\n" not in lines[0] and "svd_net" in lines[0]
     ref = predict(model, image, device="cpu", runtime="torch")
     assert np.array_equal(got, ref)
     assert not _exported(tmp_path)  # nothing half-written is left in the cache
+
+
+def test_auto_exports_for_large_jobs_and_reuses_exports_for_small_ones(tmp_path):
+    """runtime='auto': a small job on never-exported weights runs on torch (the export would
+    cost more); a job of ≥ AUTO_MIN_WINDOWS windows exports; a small job then uses it."""
+    model = build_model("unet", 1, 3, base_channels=4, depth=2).eval()
+    rng = np.random.default_rng(2)
+    small = rng.random((64, 80), np.float32)  # 2 windows of 64², the same as below
+    torch_out = predict(model, small, exact=True, tile_size=64, device="cpu", runtime="torch")
+    out = predict(model, small, exact=True, tile_size=64, device="cpu")
+    assert not _exported(tmp_path) and np.array_equal(out, torch_out)
+    large = rng.random((192, 256), np.float32)  # 117 windows of 64²
+    predict(model, large, exact=True, tile_size=64, device="cpu")
+    assert len(_exported(tmp_path)) == 1
+    out = predict(model, small, exact=True, tile_size=64, device="cpu")  # now cached
+    assert not np.array_equal(out, torch_out)  # it ran on OpenVINO ...
+    assert np.abs(out - torch_out).max() <= 1e-4  # ... with the same result

@@ -8,6 +8,10 @@ configuration, so that a trained model (new weights) is exported again — and c
 for the CPU at the chosen precision: ``f32`` (exact mode; equal to torch to ~1e-5) or
 ``bf16`` on CPUs with bf16 matrix units (AMX / AVX512-BF16).
 
+``runtime="auto"`` exports only for jobs of at least :data:`AUTO_MIN_WINDOWS` windows or
+when an export of these weights is already cached: after each fine-tuning the weights are
+new, and a small image runs faster on torch than the one-off export takes.
+
 Why OpenVINO: measured on this project's 2-core CPU (bundled U-Net, 768² window, see
 issue #12 and ``bench/engine.py``) it was the fastest runtime, f32 2.5× and bf16 8.1× torch
 eager fp32, against 2.2× for ONNX Runtime fp32; it ships as one pip wheel with no
@@ -35,6 +39,9 @@ CACHE_ENV = "NAPARI_UNET_CACHE"
 
 _COMPILED: dict[tuple[Any, ...], Any] = {}
 _MAX_COMPILED = 8
+AUTO_MIN_WINDOWS = 8
+"""``runtime="auto"`` exports a model only for jobs of at least this many windows (a
+768² window each on the CPU); smaller jobs use an existing export or run on torch."""
 _LOCK = threading.Lock()
 
 
@@ -157,6 +164,30 @@ def _export(
     os.replace(tmp, path)
 
 
+def export_key(
+    model: torch.nn.Module, window: tuple[int, int, int], outputs: str, level: int | None
+) -> str:
+    """The cache key of an export: weights, configuration, window, outputs, versions."""
+    import openvino as ov
+
+    extra = {
+        "window": list(window),
+        "outputs": outputs,
+        "level": level,
+        "openvino": ov.__version__,
+        "torch": torch.__version__,
+    }
+    return weights_key(model, extra)
+
+
+def is_exported(key: str) -> bool:
+    """True when an export with this key is in memory or in the disk cache."""
+    if any(m[0] == key for m in _COMPILED):
+        return True
+    xml = cache_dir() / "openvino" / f"{key}.xml"
+    return xml.is_file() and xml.with_suffix(".bin").is_file()
+
+
 def openvino_backend(
     model: torch.nn.Module,
     window: tuple[int, int, int],
@@ -184,16 +215,7 @@ def openvino_backend(
     from .runtime import choose_threads
 
     threads = threads or choose_threads()
-    key = weights_key(
-        model,
-        {
-            "window": list(window),
-            "outputs": outputs,
-            "level": level,
-            "openvino": ov.__version__,
-            "torch": torch.__version__,
-        },
-    )
+    key = export_key(model, window, outputs, level)
     memo = (key, precision, threads)
     with _LOCK:
         if memo in _COMPILED:

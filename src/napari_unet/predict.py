@@ -295,7 +295,14 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
     """The OpenVINO backend for this plan's window, or None (torch): see
     :func:`napari_unet.backends.resolve_runtime`; a model that cannot be converted stays on
     torch with a one-line warning."""
-    from .backends import openvino_backend, resolve_runtime
+    from .backends import (
+        AUTO_MIN_WINDOWS,
+        RUNTIME_ENV,
+        export_key,
+        is_exported,
+        openvino_backend,
+        resolve_runtime,
+    )
     from .runtime import cpu_has_bf16
 
     name, _ = resolve_runtime(dev, runtime)
@@ -303,6 +310,13 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
         return None
     fast = not exact and amp is not False and cpu_has_bf16()
     window = (model.in_channels, *plan.window_shape)
+    chosen = runtime or os.environ.get(RUNTIME_ENV) or "auto"
+    windows = plan.n_tiles * layout.n_planes
+    if chosen == "auto" and windows < AUTO_MIN_WINDOWS:
+        # a small job on weights never exported (e.g. just trained): the one-off export
+        # would cost more than running the few windows on torch
+        if not is_exported(export_key(model, window, opts.outputs, opts.level)):
+            return None
     backend = openvino_backend(
         model, window, outputs=opts.outputs, level=opts.level, precision="bf16" if fast else "f32"
     )
