@@ -416,3 +416,17 @@ def test_bf16_training_gives_finite_losses(scene):
         tiny(), img, lab, steps=1, batch_size=2, patch_size=64, precision="fp32", validation="none"
     )
     assert h32.settings["precision"] == "fp32"
+
+
+def test_cosine_schedule_with_a_step_budget(scene):
+    img, lab = scene
+    a, b = _twins()
+    kw = dict(steps=3, batch_size=2, patch_size=64, validation="none", seed=1, augment=False)
+    ha = train(a, img, lab, **kw)
+    hb = train(b, img, lab, schedule="constant", **kw)
+    assert ha.settings["schedule"] == "cosine" and hb.settings["schedule"] == "constant"
+    assert ha.losses[0] == hb.losses[0] and not _same_weights(a, b)
+    ht = train(tiny(), img, lab, seconds=0.5, batch_size=2, patch_size=64, validation="none")
+    assert ht.settings["schedule"] == "constant"  # time-only budget: no end to decay to
+    with pytest.raises(ValueError, match="schedule"):
+        train(tiny(), img, lab, steps=1, schedule="linear")

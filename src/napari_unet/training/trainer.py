@@ -35,7 +35,7 @@ from ..metrics import object_metrics
 from ..models.base import SegmentationModel, round_up
 from ..normalize import get_normalization
 from ..postprocess import default_class_names, segment
-from ..runtime import Precision, choose_precision, torch_threads
+from ..runtime import Precision, choose_precision, openmp_passive, torch_threads
 from ..tiling import is_cancelled
 from .augment import Augmenter
 from .data import (
@@ -199,7 +199,10 @@ def _validate(
             continue
         for cy0, cy1, cx0, cx1 in d.val_boxes:
             crop = d.image_np[:, cy0:cy1, cx0:cx1]
-            probs = predict(model, crop, axes="CYX", device=device, tile_size=1024)
+            # torch: the weights change every epoch, an optimized export would not pay off
+            probs = predict(
+                model, crop, axes="CYX", device=device, tile_size=1024, runtime="torch"
+            )
             pred = segment(probs, class_names=names)
             gt = d.val_labels[cy0:cy1, cx0:cx1]
             scored = d.val_mask[cy0:cy1, cx0:cx1]
@@ -232,6 +235,7 @@ def train(
     precision: str = "auto",
     threads: int | None = None,
     optimizer: str = "adamw",
+    schedule: str = "cosine",
     augment: bool | dict[str, Any] = True,
     steps_per_epoch: int = DEFAULT_STEPS_PER_EPOCH,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -262,7 +266,10 @@ def train(
     ``loss``: a preset of :func:`~.losses.get_loss`; None (default): the one the
     variant's paper prescribes, :func:`~.losses.default_loss_for`. ``optimizer``: "adamw" or "sgd".
     ``cancel`` (Event or callable) stops within one step, keeping the last good weights.
-    Deterministic on the CPU for a given ``seed`` (with a step budget).
+    ``schedule``: "cosine" (with a step budget, the learning rate decays from ``lr`` to 0
+    along a half cosine, so that the weights settle at the end of the budget) or
+    "constant" (also used for a time-only budget).
+    Deterministic on the CPU for a given ``seed`` and thread count (with a step budget).
     """
     from ..predict import select_device
 
@@ -274,6 +281,8 @@ def train(
     if not entries:
         raise ValueError("no training data given")
     mode, fraction, use_regions, note = _plan_validation(entries, validation, val_fraction)
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     if not getattr(model, "normalization", None):
@@ -335,6 +344,7 @@ def train(
             "batch_size": batch_size,
             "patch_size": patch,
             "optimizer": optimizer,
+            "schedule": schedule if total_steps else "constant",
             "seed": seed,
             "images": len(datasets),
             "precision": prec.name,
@@ -345,6 +355,7 @@ def train(
     with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()) as n:
         summary.threads = n if dev.type == "cpu" else None
         history.settings["threads"] = summary.threads
+        history.settings["openmp_wait"] = "passive" if openmp_passive() else "default"
         _loop(
             model,
             datasets,
@@ -359,6 +370,7 @@ def train(
             patch=patch,
             seed=seed,
             optimizer=optimizer,
+            schedule=schedule,
             augment=augment,
             steps_per_epoch=steps_per_epoch,
             callback=callback,
@@ -383,6 +395,7 @@ def _loop(
     patch: int,
     seed: int,
     optimizer: str,
+    schedule: str,
     augment: bool | dict[str, Any],
     steps_per_epoch: int,
     callback: Callable[[dict[str, Any]], None] | None,
@@ -459,6 +472,9 @@ def _loop(
                 raise _Stop
             opt.zero_grad(set_to_none=True)
             value.backward()
+            if schedule == "cosine" and total_steps:
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
             opt.step()
             step += 1
             history.losses.append(loss_value)
