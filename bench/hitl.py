@@ -378,6 +378,10 @@ def main() -> None:
         "model": "bundled U-Net (3 classes, base 16, depth 3), batch 4 x 128^2, ce_dice",
         "competing_load": "2 processes spinning numpy (np.sqrt on 2^18 doubles, 1 thread each)",
         "loadavg_start": os.getloadavg(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE.parent
+        ).stdout.strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if "threads" in parts:
         result["threads"] = part_threads(args.steps, args.rounds, policy_headless)
