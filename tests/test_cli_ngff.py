@@ -135,3 +135,28 @@ def test_cli_3d_uses_the_metadata_scale(tmp_path, model, capsys):
         main(["predict", str(path), "-o", str(tmp_path / "z.tif"), "--3d", "--scale", "1,0"]) == 2
     )
     assert "--scale" in capsys.readouterr().err
+
+
+def test_labels_into_image_leaves_the_image_as_it_was_when_writing_fails(ome_image, tmp_path):
+    """Disk full (a file-size limit in a subprocess) while writing the label image: exit 2,
+    one line, and the image's store is byte for byte what it was (no labels/ left)."""
+    import resource
+    import subprocess
+    import sys
+
+    path, _ = ome_image
+    before = _snapshot(path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # chunks are larger than this
+
+    run = subprocess.run(
+        [sys.executable, "-m", "napari_unet.cli", "predict", str(path),
+         "--labels-into-image", "nuclei"],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("napari-unet: error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr
+    assert _snapshot(path) == before
+    assert not (path / "labels").exists()

@@ -183,16 +183,31 @@ def _write_labels(target, labels: np.ndarray, letters: str, image) -> None:
 
 
 def _labels_into_image(args: argparse.Namespace, image, labels: np.ndarray, letters: str) -> str:
-    """``--labels-into-image NAME``: a new NGFF label image inside the input OME-Zarr."""
-    from .ngff import create_labels, labels_axes
+    """``--labels-into-image NAME``: a new NGFF label image inside the input OME-Zarr; on any
+    failure (disk full, Ctrl-C) the image's store is left as it was."""
+    import shutil
+
+    import zarr
+
+    from .ngff import create_labels, labels_axes, remove_labels
 
     scale, translation, units = labels_axes(letters, image.ngff)
     root = image.path  # the NGFF image group itself (open_image found its multiscales)
-    array = create_labels(
-        root, args.labels_into_image, labels.shape, labels.dtype, letters, scale=scale,
-        translation=translation, units=units,
-    )  # fmt: skip
-    array[...] = labels
+    group = root / "labels"
+    existed = group.exists()
+    listed = list(zarr.open_group(str(group), mode="r").attrs.get("labels", [])) if existed else []
+    try:
+        array = create_labels(
+            root, args.labels_into_image, labels.shape, labels.dtype, letters, scale=scale,
+            translation=translation, units=units,
+        )  # fmt: skip
+        array[...] = labels
+    except BaseException:
+        if existed:
+            remove_labels(root, args.labels_into_image, listed)
+        else:
+            shutil.rmtree(group, ignore_errors=True)
+        raise
     return f"{root}/labels/{args.labels_into_image}"
 
 

@@ -256,17 +256,35 @@ def create_labels(
     listed = list(labels.attrs.get("labels", []))
     if name in listed or name in labels:
         raise FileExistsError(f"{root}/labels/{name} exists; choose another name")
-    array = create_image(
-        root / "labels" / name,
-        shape,
-        dtype,
-        letters,
-        scale=scale,
-        translation=translation,
-        units=units,
-        chunks=chunks,
-        name=name,
-        label=True,
-    )
-    labels.attrs["labels"] = [*listed, name]
+    try:
+        array = create_image(
+            root / "labels" / name,
+            shape,
+            dtype,
+            letters,
+            scale=scale,
+            translation=translation,
+            units=units,
+            chunks=chunks,
+            name=name,
+            label=True,
+        )
+        labels.attrs["labels"] = [*listed, name]
+    except BaseException:
+        remove_labels(root, name, listed)
+        raise
     return array
+
+
+def remove_labels(image_root: str | os.PathLike[str], name: str, listed: list[str]) -> None:
+    """Undo :func:`create_labels`: remove ``labels/<name>`` and restore the list."""
+    import shutil
+
+    import zarr
+
+    root = Path(image_root)
+    shutil.rmtree(root / "labels" / name, ignore_errors=True)
+    try:
+        zarr.open_group(str(root / "labels"), mode="a", zarr_format=2).attrs["labels"] = listed
+    except Exception:  # noqa: BLE001 - best effort while unwinding another error
+        pass
