@@ -79,6 +79,7 @@ ZOO: dict[str, dict[str, Any]] = {
         "steps": 350,
         "lr": 2e-3,
         "init": None,
+        "stage2": {"steps": 300, "lr": 1e-3},
     },
     "unet3p": {
         "variant": "unet3p",
@@ -106,7 +107,7 @@ ZOO: dict[str, dict[str, Any]] = {
             "drop_path_rate": 0.0,
         },
         "loss": "ce_dice",  # Swin-UNet: CE + Dice
-        "steps": 700,
+        "steps": 600,
         "lr": 1e-3,
         "init": None,
     },
@@ -168,34 +169,11 @@ def init_from_default(model, how: str | None) -> None:
     model.load_state_dict(mapped, strict=False)
 
 
-def train_variant(name: str, spec: dict[str, Any], steps: int, log) -> tuple[Any, dict]:
-    torch.manual_seed(0)
-    model = build_model(spec["variant"], 1, 3, **copy.deepcopy(spec["config"]))
-    model.class_names = list(CLASSES)
-    model.normalization = {"method": "percentile", "low": 1.0, "high": 99.8}
-    init_from_default(model, spec["init"])
-    preset = get_loss(spec["loss"])
-    images, labels = synthetic_dataset(DATA["images"], DATA["shape"], seed=DATA["seed"])
-    datasets = [
-        prepare(
-            im,
-            lab,
-            num_classes=3,
-            in_channels=1,
-            norm=model.normalization,
-            roi=(0, 256, 0, 256),
-            val_fraction=0.0,
-            weight_map=preset.name == "ce",
-            device=torch.device("cpu"),
-        )
-        for im, lab in zip(images, labels)
-    ]
-    patch = 128
-    if model.halo > 0:
-        patch = model.valid_input_size(128)
-    gen = torch.Generator().manual_seed(0)
-    aug = Augmenter(generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=1e-4)
+def train_loop(model, datasets, preset, patch, steps, lr, seed, name, log) -> tuple[list, float]:
+    """``steps`` AdamW steps (bf16 autocast) with warm-up + cosine; (losses, seconds)."""
+    gen = torch.Generator().manual_seed(seed)
+    aug = Augmenter(generator=torch.Generator().manual_seed(seed + 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warm = max(1, steps // 20)
 
     def lr_at(step: int) -> float:
@@ -223,7 +201,58 @@ def train_variant(name: str, spec: dict[str, Any], steps: int, log) -> tuple[Any
                 f"{name} step {step + 1}/{steps} loss {np.mean(losses[-50:]):.4f} "
                 f"{time.perf_counter() - start:.0f} s"
             )
-    seconds = time.perf_counter() - start
+    return losses, time.perf_counter() - start
+
+
+def train_variant(
+    name: str, spec: dict[str, Any], steps: int, log, resume: Path | None = None
+) -> tuple[Any, dict]:
+    torch.manual_seed(0)
+    model = build_model(spec["variant"], 1, 3, **copy.deepcopy(spec["config"]))
+    model.class_names = list(CLASSES)
+    model.normalization = {"method": "percentile", "low": 1.0, "high": 99.8}
+    init_from_default(model, spec["init"])
+    preset = get_loss(spec["loss"])
+    images, labels = synthetic_dataset(DATA["images"], DATA["shape"], seed=DATA["seed"])
+    datasets = [
+        prepare(
+            im,
+            lab,
+            num_classes=3,
+            in_channels=1,
+            norm=model.normalization,
+            roi=(0, 256, 0, 256),
+            val_fraction=0.0,
+            weight_map=preset.name == "ce",
+            device=torch.device("cpu"),
+        )
+        for im, lab in zip(images, labels)
+    ]
+    patch = 128
+    if model.halo > 0:
+        patch = model.valid_input_size(128)
+    stage1 = resume is not None and resume.is_file()
+    if stage1:  # stage 1 already trained (same seeds): continue from its weights
+        from napari_unet.checkpoint import load_model
+
+        done = load_model(resume)
+        model.load_state_dict(done.state_dict())
+        first = dict(done.training_summary)
+        losses, seconds = [first["final_loss"]], float(first["seconds"])
+        log(f"{name}: stage 1 ({first['steps']} steps) loaded from {resume}")
+    else:
+        losses, seconds = train_loop(
+            model, datasets, preset, patch, steps, spec["lr"], 0, name, log
+        )
+    stages = [{"steps": steps, "lr": spec["lr"], "seed": 0}]
+    if "stage2" in spec:  # a second cosine cycle (warm restart), its own seeds
+        more = spec["stage2"]
+        l2, s2 = train_loop(
+            model, datasets, preset, patch, more["steps"], more["lr"], 10, name, log
+        )
+        losses, seconds = losses + l2, seconds + s2
+        stages.append({"steps": more["steps"], "lr": more["lr"], "seed": 10})
+        steps = steps + more["steps"]
     model.eval()
     summary = {
         "data": (
@@ -236,7 +265,8 @@ def train_variant(name: str, spec: dict[str, Any], steps: int, log) -> tuple[Any
         "loss": preset.name,
         "optimizer": "adamw",
         "lr": spec["lr"],
-        "schedule": "linear warm-up 5% + cosine",
+        "schedule": "linear warm-up 5% + cosine" + (" per stage" if len(stages) > 1 else ""),
+        "stages": stages,
         "precision": "bf16 autocast (CPU), fp32 weights",
         "seed": 0,
         "init": (
@@ -345,6 +375,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=WEIGHTS)
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="variants with two stages: start from the stage-1 weights in the temp folder",
+    )
+    parser.add_argument(
         "--evaluate",
         nargs="+",
         type=Path,
@@ -378,7 +413,14 @@ def main() -> None:
     for name in args.variants:
         spec = ZOO[name]
         steps = max(1, round(spec["steps"] * args.steps_scale))
-        model, summary = train_variant(name, spec, steps, log)
+        if "stage2" in spec:
+            more = spec["stage2"]
+            spec = {
+                **spec,
+                "stage2": {**more, "steps": max(1, round(more["steps"] * args.steps_scale))},
+            }
+        resume = RAW / f"{name}.stage1.safetensors" if args.resume else None
+        model, summary = train_variant(name, spec, steps, log, resume)
         raw = save_model(model, RAW / f"{name}.safetensors", training=summary, overwrite=True)
         log(f"saved the trained fp32 weights to {raw} (--evaluate {raw} to resume)")
         evaluate_and_save(name, model, summary, args.out_dir, log)

@@ -80,7 +80,7 @@ def head_names(model: SegmentationModel) -> list[str]:
         return [f"L{i}" for i in range(1, n + 1)]
     if model.name == "unet3p":
         return [f"d{i}" for i in range(1, n + 1)]
-    if model.name == "u2net":
+    if model.name in ("u2net", "u2netp"):
         return [f"side{i}" for i in range(1, n)] + ["fuse"]
     return [f"out{i}" for i in range(1, n + 1)]
 
