@@ -19,6 +19,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Passive OpenMP waiting, set before torch is imported (an explicit OMP_WAIT_POLICY stays):
+# on a busy machine spinning threads slowed training 4× (bench/hitl.py).
+from .runtime import configure_openmp as _configure_openmp  # noqa: E402
+
+_configure_openmp()
+
 _LAZY = {
     "build_model": "napari_unet.models",
     "list_models": "napari_unet.models",
