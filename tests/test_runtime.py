@@ -21,7 +21,9 @@ from napari_unet.runtime import (
 def test_thread_policy():
     assert choose_threads(gui=False, environ={}, cores=4, cpus=8) == 4
     assert choose_threads(gui=True, environ={}, cores=4, cpus=8) == 3  # napari keeps a core
-    assert choose_threads(gui=True, environ={}, cores=8, cpus=2) == 1  # pinned to 2 CPUs
+    assert choose_threads(gui=True, environ={}, cores=3, cpus=8) == 2
+    # 2 CPUs: the GUI shares them (passive waiting; bench/hitl.py: 0.98× vs 0.55× under load)
+    assert choose_threads(gui=True, environ={}, cores=8, cpus=2) == 2
     assert choose_threads(gui=True, environ={}, cores=1, cpus=1) == 1  # never 0
     assert choose_threads(gui=False, environ={THREADS_ENV: "3"}, cores=8, cpus=8) == 3
     assert choose_threads(gui=True, environ={"OMP_NUM_THREADS": "2"}, cores=8, cpus=8) == 2

@@ -125,8 +125,10 @@ def choose_threads(
     ``NAPARI_UNET_THREADS`` (a positive integer) wins, then ``OMP_NUM_THREADS``. Otherwise: physical cores
     (``cores``, default :func:`physical_cores`), limited to the CPUs this process may use
     (``cpus``, default :func:`usable_cpus`), minus one when a GUI runs in this process
-    (``gui``, default :func:`gui_running`) so that the event loop and rendering keep a
-    core; at least 1.
+    (``gui``, default :func:`gui_running`) and at least 3 are available, so that the event
+    loop and rendering keep a core; at least 1. On a 2-core machine the GUI shares: with
+    passive OpenMP waiting (:func:`configure_openmp`) 2 training threads kept 0.98× of their
+    idle speed under a competing load against 0.55× for 1 thread (``bench/hitl.py``).
     """
     env = os.environ if environ is None else environ
     for name in (THREADS_ENV, "OMP_NUM_THREADS"):
@@ -145,7 +147,7 @@ def choose_threads(
     cores = physical_cores() if cores is None else cores
     cpus = usable_cpus() if cpus is None else cpus
     n = min(cores, cpus)
-    if gui_running() if gui is None else gui:
+    if n >= 3 and (gui_running() if gui is None else gui):
         n -= 1
     return max(1, n)
 

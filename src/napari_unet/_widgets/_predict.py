@@ -98,7 +98,7 @@ def run_prediction(
         if report is not None:
             report(("progress", done, total))
 
-    with cpu_threads(dev):  # the engine's thread policy (physical cores − 1 with napari)
+    with cpu_threads(dev):  # the engine's thread policy (runtime.choose_threads)
         probs = predict(
             model,
             request.data,
