@@ -430,3 +430,25 @@ def test_cosine_schedule_with_a_step_budget(scene):
     assert ht.settings["schedule"] == "constant"  # time-only budget: no end to decay to
     with pytest.raises(ValueError, match="schedule"):
         train(tiny(), img, lab, steps=1, schedule="linear")
+
+
+def test_z_stack_trains_on_its_annotated_planes():
+    """A (Z, Y, X) stack with annotations on two planes trains per plane (2-D), on exactly
+    those planes; a stack without annotations is refused."""
+    from napari_unet.synthetic import synthetic_nuclei_3d
+    from napari_unet.training.data import as_entries, planes_of_stacks
+
+    image, truth = synthetic_nuclei_3d((6, 80, 80), seed=1)
+    annotation = np.zeros_like(truth)
+    annotation[2], annotation[4] = truth[2], truth[4]
+    entries = planes_of_stacks(as_entries(image, annotation), in_channels=1)
+    assert [e.name for e in entries] == ["stack z=2", "stack z=4"]
+    assert np.array_equal(entries[1].labels, truth[4]) and entries[1].image.shape == (80, 80)
+    events = []
+    model = build_model("unet", 1, 3, base_channels=4, depth=2)
+    train(model, image, annotation, steps=2, batch_size=2, patch_size=64, device="cpu",
+          validation="none", callback=events.append)  # fmt: skip
+    start = next(e for e in events if e["kind"] == "start")
+    assert start["summary"].images == 2
+    with pytest.raises(ValueError, match="no plane has annotations"):
+        train(model, image, np.zeros_like(truth), steps=1, device="cpu")

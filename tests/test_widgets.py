@@ -798,3 +798,27 @@ def test_predict_widget_makes_3d_objects_with_the_layer_scale(make_napari_viewer
     spanning = [i for i in set().union(*ids) if sum(i in s for s in ids) >= 2]
     assert spanning, "objects continue across planes"
     assert result.data.max() < 0.5 * sum(len(s) for s in ids)
+
+
+def test_train_on_a_z_stack_uses_every_annotated_plane(viewer, qtbot):
+    """#14: a Z-stack annotated on two planes trains on both planes (2-D, per plane), whatever
+    plane is displayed."""
+    from napari_unet.synthetic import synthetic_nuclei_3d
+
+    image, truth = synthetic_nuclei_3d((5, 96, 96), seed=3)
+    annotation = np.zeros_like(truth)
+    annotation[1], annotation[3] = truth[1], truth[3]
+    img = viewer.add_image(image, name="stack")
+    ann = viewer.add_labels(annotation, name="stack annotation")
+    viewer.dims.set_current_step(0, 0)  # an unannotated plane is displayed
+    w = dock(viewer, "Train")
+    w.image.set_layer(img)
+    w.labels.set_layer(ann)
+    w.validation.setCurrentText("none")
+    w.budget.setValue(2)
+    w.patch.setValue(64)
+    w.predict_after.setChecked(False)
+    wait_job(qtbot, w.run())
+    assert w.summary.images == 2, w.status.text()
+    expected = sum(len(np.unique(truth[z])) - 1 for z in (1, 3))
+    assert w.summary.objects == expected

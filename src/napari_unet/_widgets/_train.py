@@ -99,10 +99,25 @@ def training_arrays(
     channels: bool | None = None,
     channel: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(image (Y,X) or (C,Y,X), labels (Y,X), note) — the displayed plane of stacks."""
+    """(image (Y,X) or (C,Y,X), labels (Y,X), note) — the displayed plane of stacks; a Z-stack
+    annotated in 3-D gives the whole stack ((Z,[C],Y,X), (Z,Y,X)): the engine trains on every
+    plane that has annotations."""
     n_lead, channel_axis = leading_count(image, in_channels, channels)
     img = layer_array(image)
     note = ""
+    lab3 = labels.data
+    if n_lead == 1 and not image.rgb and lab3.ndim == 3 and lab3.shape[0] == img.shape[0]:
+        stack = np.asarray(img)
+        if channel is not None and stack.ndim == 4:
+            stack = stack[:, channel]
+        lab3 = np.array(lab3, copy=True)  # a snapshot
+        if lab3.shape[-2:] != stack.shape[-2:]:
+            raise ValueError(
+                f"labels {labels.name!r} are {lab3.shape[-2]}×{lab3.shape[-1]} but the image "
+                f"planes are {stack.shape[-2]}×{stack.shape[-1]}"
+            )
+        planes = int(sum(bool(p.any()) for p in lab3))
+        return stack, lab3, f" ({planes} annotated plane{'s' if planes != 1 else ''})"
     if n_lead:
         point = np.asarray(image.world_to_data(viewer.dims.point))
         index = tuple(int(np.clip(round(point[d]), 0, img.shape[d] - 1)) for d in range(n_lead))
@@ -569,7 +584,11 @@ class TrainWidget(Panel):
             if "depth" in defaults:
                 fresh_cfg["depth"] = self.depth.value()
         classes = base.num_classes if base is not None else 3
-        fresh_in = int(data[0]["image"].shape[0]) if data[0]["image"].ndim == 3 else 1
+        first_image, first_labels = data[0]["image"], data[0]["labels"]
+        if first_labels.ndim == 3:  # a Z-stack: (Z, Y, X) or (Z, C, Y, X)
+            fresh_in = int(first_image.shape[1]) if first_image.ndim == 4 else 1
+        else:
+            fresh_in = int(first_image.shape[0]) if first_image.ndim == 3 else 1
 
         def work(report: Any, cancel: Any) -> tuple[Any, Any, Any]:
             import copy

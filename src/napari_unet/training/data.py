@@ -148,6 +148,50 @@ def as_entries(image: Any, labels: Any = None, roi: Any = None) -> list[Training
     return [TrainingEntry(im, lab, r) for im, lab, r in zip(images, label_list, per)]
 
 
+def planes_of_stacks(entries: list[TrainingEntry], in_channels: int) -> list[TrainingEntry]:
+    """Z-stacks train per plane: an entry whose labels are (Z, Y, X) — with an image (Z, Y, X)
+    or (Z, C, Y, X) — becomes one 2-D entry per plane that has annotations (the regions
+    apply to every plane). Other entries are returned as they are.
+
+    Args:
+        entries: training entries (labels (Y, X) or (Z, Y, X)).
+        in_channels: the model's input channels (tells (C, Y, X) from (Z, Y, X) images).
+
+    Returns:
+        The entries with every stack replaced by its annotated planes.
+    """
+    out: list[TrainingEntry] = []
+    for entry in entries:
+        labels = entry.labels
+        shape = tuple(getattr(labels, "shape", ()))
+        image_shape = tuple(getattr(entry.image, "shape", ()))
+        stack = len(shape) == 3 and (
+            image_shape == shape
+            or (
+                len(image_shape) == 4
+                and image_shape[0] == shape[0]
+                and image_shape[1] == in_channels
+            )
+        )
+        if not stack:
+            out.append(entry)
+            continue
+        planes = [z for z in range(shape[0]) if np.asarray(labels[z]).any()]
+        if not planes:
+            raise ValueError(f"{entry.name or 'the stack'}: no plane has annotations")
+        for z in planes:
+            out.append(
+                TrainingEntry(
+                    np.asarray(entry.image[z]),
+                    np.asarray(labels[z]),
+                    entry.regions,
+                    entry.val_regions,
+                    f"{entry.name or 'stack'} z={z}",
+                )
+            )
+    return out
+
+
 def _is_rect(r: Any) -> bool:
     return (
         isinstance(r, (list, tuple, np.ndarray))

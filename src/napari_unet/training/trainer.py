@@ -44,6 +44,7 @@ from .data import (
     TrainingEntry,
     TrainingSummary,
     as_entries,
+    planes_of_stacks,
     prepare_entry,
     region_objects,
     sample_batch,
@@ -200,9 +201,7 @@ def _validate(
         for cy0, cy1, cx0, cx1 in d.val_boxes:
             crop = d.image_np[:, cy0:cy1, cx0:cx1]
             # torch: the weights change every epoch, an optimized export would not pay off
-            probs = predict(
-                model, crop, axes="CYX", device=device, tile_size=1024, runtime="torch"
-            )
+            probs = predict(model, crop, axes="CYX", device=device, tile_size=1024, runtime="torch")
             pred = segment(probs, class_names=names)
             gt = d.val_labels[cy0:cy1, cx0:cx1]
             scored = d.val_mask[cy0:cy1, cx0:cx1]
@@ -277,7 +276,7 @@ def train(
     preset = get_loss(default_loss_for(model) if loss is None else loss)
     dev, dev_why = select_device(device)
     prec = choose_precision(dev, precision)
-    entries = as_entries(image, labels, roi)
+    entries = planes_of_stacks(as_entries(image, labels, roi), model.in_channels)
     if not entries:
         raise ValueError("no training data given")
     mode, fraction, use_regions, note = _plan_validation(entries, validation, val_fraction)
