@@ -228,6 +228,7 @@ def openvino_backend(
             if not cached:
                 _export(model, window, outputs, level, xml)
             core = ov.Core()
+            core.set_property({"CACHE_DIR": str(folder / "compiled")})  # compiled blobs
             if precision == "bf16" and "BF16" not in core.get_property(
                 "CPU", "OPTIMIZATION_CAPABILITIES"
             ):
