@@ -124,18 +124,24 @@ def main() -> None:
         variants.append(entry)
         print(json.dumps(entry), flush=True)
 
-    ft = args.finetune > 0
+    out_path = RESULTS / "zoo.json"
+    if args.only and out_path.is_file():  # a partial run updates the stored table
+        ran = {v["name"] for v in variants}
+        kept = [v for v in json.loads(out_path.read_text())["variants"] if v["name"] not in ran]
+        order = [c.name for c in list_pretrained()]
+        variants = sorted(kept + variants, key=lambda v: order.index(v["name"]))
+    ft = any("finetune" in v for v in variants)
     print()
     print(
         "| variant | params | GFLOP/MP | CPU s (1024²) | F1@0.5 | mean IoU | AP@.5:.95 |"
-        + (f" F1 after {args.finetune:.0f} s fine-tune |" if ft else "")
+        + (" F1 after fine-tuning |" if ft else "")
     )
     print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if ft else ""))
     for v in sorted(variants, key=lambda v: -v["f1"]):
         print(
             f"| {v['title']} | {v['parameters'] / 1e6:.2f}M | {v['gflop_per_mp']:.0f} | "
             f"{v['cpu_seconds_1024']:.1f} | {v['f1']:.3f} | {v['mean_iou']:.3f} | {v['ap']:.3f} |"
-            + (f" {v['finetune']['f1']:.3f} |" if ft else "")
+            + ((f" {v['finetune']['f1']:.3f} |" if "finetune" in v else " - |") if ft else "")
         )
     for v in variants:
         if "depths" in v:
@@ -158,8 +164,8 @@ def main() -> None:
             "note": "shared 2-core machine with other jobs running: times are upper bounds",
         },
     }
-    (RESULTS / "zoo.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {RESULTS / 'zoo.json'}")
+    out_path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
