@@ -66,7 +66,9 @@ def _amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
 
 
 def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationModel:
-    """A model object, a checkpoint path, a variant name (untrained) or None (bundled default)."""
+    """A model object, a checkpoint / package path, a bundled trained variant's name
+    (``"unetpp"``: :func:`napari_unet.load_pretrained`), another variant name (untrained, with
+    a warning) or None (the bundled default U-Net)."""
     if isinstance(model, SegmentationModel):
         return model
     from . import checkpoint
@@ -76,6 +78,10 @@ def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationM
     path = Path(model)
     if path.suffix or path.exists():
         return checkpoint.load_model(path)
+    from .models.pretrained import is_pretrained, load_pretrained
+
+    if is_pretrained(str(model)):
+        return load_pretrained(str(model))
     from .models import build_model
 
     warnings.warn(f"{model!r} is a variant name: its weights are untrained", stacklevel=2)
