@@ -1,6 +1,7 @@
 """Every Python block of the README, run as a user would — each one twice.
 
-The blocks use names a user has at hand (``x``, ``image``, ``annotation``) and files
+The blocks use names a user has at hand (``x``, ``image``, ``annotation``, ``labels``,
+``stack``) and files
 (``huge.zarr``, ``model.safetensors``); they are provided here, small. The only edit to
 the text is the training budget (``seconds=60`` → a few seconds).
 """
@@ -43,6 +44,7 @@ def user_files(tmp_path, monkeypatch, nuclei):
         "x": torch.rand(1, 1, 64, 64),
         "image": image,
         "annotation": annotation,
+        "labels": labels,  # the ground truth (Compare scores against it)
         "stack": np.stack([image[:64, :96]] * 3),
     }
 
