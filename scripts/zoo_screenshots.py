@@ -12,29 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from screenshots import settle, until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1500, 950)
-
-
-def settle(seconds: float = 0.3) -> None:
-    from qtpy.QtWidgets import QApplication
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        QApplication.processEvents()
-        time.sleep(0.005)
-
-
-def until(condition, timeout: float = 900) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        settle(0.05)
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met")
 
 
 def main() -> None:
