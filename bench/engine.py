@@ -238,13 +238,32 @@ def huge(size: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def huge_in_subprocess(size: int, threads: int) -> dict:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, __file__, "--huge-only", str(size), "--threads", str(threads)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"{size}² uint16 zarr → zarr: {result['seconds']} s, peak RSS "
+          f"{result['peak_rss_mib']} MiB", flush=True)  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="unet,unet_valid,unetpp,u2netp,unet3p,swin_unet")
     parser.add_argument("--huge", type=int, default=0, help="side of a uint16 zarr run (0 skips)")
+    parser.add_argument("--huge-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.huge_only:  # in a fresh process, so that its peak RSS is its own
+        torch.set_num_threads(args.threads)
+        print(json.dumps(huge(args.huge_only)))
+        return
     os.environ.pop(backends.RUNTIME_ENV, None)
     torch.set_num_threads(args.threads)
     from napari_unet.synthetic import synthetic_nuclei
@@ -268,7 +287,7 @@ def main() -> None:
         "variants_1024": rows,
         "default_2048": peers,
         "cached_export_load_seconds": round(load_s, 3),
-        "huge_zarr": huge(args.huge) if args.huge else None,
+        "huge_zarr": huge_in_subprocess(args.huge, args.threads) if args.huge else None,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
