@@ -156,3 +156,13 @@ def test_auto_exports_for_large_jobs_and_reuses_exports_for_small_ones(tmp_path)
     out = predict(model, small, exact=True, tile_size=64, device="cpu")  # now cached
     assert not np.array_equal(out, torch_out)  # it ran on OpenVINO ...
     assert np.abs(out - torch_out).max() <= 1e-4  # ... with the same result
+
+
+def test_auto_keeps_unet3p_on_torch(tmp_path):
+    """UNet 3+ measured slower on OpenVINO than on torch: 'auto' leaves it on torch."""
+    model = build_model("unet3p", 1, 3, base_channels=4, depth=3).eval()
+    image = np.random.default_rng(3).random((192, 256), np.float32)
+    out = predict(model, image, tile_size=64, device="cpu")
+    assert not _exported(tmp_path)
+    ref = predict(model, image, tile_size=64, device="cpu", runtime="torch")
+    assert np.array_equal(out, ref)

@@ -39,6 +39,10 @@ CACHE_ENV = "NAPARI_UNET_CACHE"
 
 _COMPILED: dict[tuple[Any, ...], Any] = {}
 _MAX_COMPILED = 8
+AUTO_SKIP = frozenset({"unet3p"})
+"""Variants ``runtime="auto"`` keeps on torch: measured slower on OpenVINO (UNet 3+ at 1024²,
+2 threads: f32 0.4×, bf16 0.6× of torch eager — its up-sampling branches mix channels per
+tap, ``bench/engine.py``)."""
 AUTO_MIN_WINDOWS = 8
 """``runtime="auto"`` exports a model only for jobs of at least this many windows (a
 768² window each on the CPU); smaller jobs use an existing export or run on torch."""

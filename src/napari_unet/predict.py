@@ -303,6 +303,7 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
     torch with a one-line warning."""
     from .backends import (
         AUTO_MIN_WINDOWS,
+        AUTO_SKIP,
         RUNTIME_ENV,
         export_key,
         is_exported,
@@ -317,6 +318,8 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
     fast = not exact and amp is not False and cpu_has_bf16()
     window = (model.in_channels, *plan.window_shape)
     chosen = runtime or os.environ.get(RUNTIME_ENV) or "auto"
+    if chosen == "auto" and model.name in AUTO_SKIP:
+        return None
     windows = plan.n_tiles * layout.n_planes
     if chosen == "auto" and windows < AUTO_MIN_WINDOWS:
         # a small job on weights never exported (e.g. just trained): the one-off export
