@@ -207,45 +207,55 @@ def cached_load_seconds() -> float:
     return statistics.median(times)
 
 
-def huge(size: int) -> dict:
-    import shutil
+def make_huge_input(path: Path, size: int) -> None:
+    """A size² uint16 zarr (1024² chunks) of a repeated synthetic nuclei tile."""
+    import zarr
 
+    from napari_unet.synthetic import synthetic_nuclei
+
+    src = zarr.create_array(str(path), shape=(size, size), chunks=(1024, 1024), dtype="uint16")
+    tile, _ = synthetic_nuclei((1024, 1024), seed=0)
+    for i in range(0, size, 1024):
+        for j in range(0, size, 1024):
+            src[i : i + 1024, j : j + 1024] = tile
+
+
+def huge(source: str) -> dict:
+    """Predict a zarr image into a new zarr store (run in a fresh process: its peak RSS)."""
     import zarr
 
     from napari_unet.checkpoint import load_default_model
-    from napari_unet.synthetic import synthetic_nuclei
 
-    tmp = Path(tempfile.mkdtemp(prefix="engine-"))
-    try:
-        src = zarr.create_array(
-            str(tmp / "in.zarr"), shape=(size, size), chunks=(1024, 1024), dtype="uint16"
-        )
-        tile, _ = synthetic_nuclei((1024, 1024), seed=0)
-        for i in range(0, size, 1024):
-            for j in range(0, size, 1024):
-                src[i : i + 1024, j : j + 1024] = tile
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        t0 = time.perf_counter()
-        predict(load_default_model(), src, device="cpu", out=str(tmp / "out.zarr"))
-        seconds = time.perf_counter() - t0
-        return {
-            "size": size,
-            "seconds": round(seconds, 1),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_before_mib": round(rss0, 1),
-        }
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    src = zarr.open_array(source, mode="r")
+    out = Path(source).with_name("out.zarr")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    predict(load_default_model(), src, device="cpu", out=str(out))
+    seconds = time.perf_counter() - t0
+    return {
+        "size": int(src.shape[0]),
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_before_mib": round(rss0, 1),
+    }
 
 
 def huge_in_subprocess(size: int, threads: int) -> dict:
+    """Make the input here, predict it in a fresh process (whose peak RSS is the run's)."""
+    import shutil
     import subprocess
     import sys
 
-    run = subprocess.run(
-        [sys.executable, __file__, "--huge-only", str(size), "--threads", str(threads)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="engine-"))
+    try:
+        make_huge_input(tmp / "in.zarr", size)
+        run = subprocess.run(
+            [sys.executable, __file__, "--huge-only", str(tmp / "in.zarr"), "--threads",
+             str(threads)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{size}² uint16 zarr → zarr: {result['seconds']} s, peak RSS "
           f"{result['peak_rss_mib']} MiB", flush=True)  # fmt: skip
@@ -258,7 +268,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="unet,unet_valid,unetpp,u2netp,unet3p,swin_unet")
     parser.add_argument("--huge", type=int, default=0, help="side of a uint16 zarr run (0 skips)")
-    parser.add_argument("--huge-only", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--huge-only", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.huge_only:  # in a fresh process, so that its peak RSS is its own
         torch.set_num_threads(args.threads)
