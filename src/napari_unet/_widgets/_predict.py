@@ -586,7 +586,8 @@ class PredictWidget(Panel):
         if "probabilities" in result:
             what.append("probabilities")
         notes = f" ({'; '.join(request.notes)})" if request.notes else ""
-        first = next(iter(self.last_layers.values()))
+        # name the labels layer when there is one (the objects counted are its)
+        first = self.last_layers.get("labels") or next(iter(self.last_layers.values()))
         self._finish_status(
             f"{first.name}: {', '.join(what)} in {result['total_seconds']:.1f} s on "
             f"{result['device']}{notes}.",
