@@ -22,15 +22,13 @@ outside the rectangles.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from screenshots import settle, until, wait  # noqa: E402
+from screenshots import sample_viewer, settle, until, wait  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1600, 1000)
@@ -47,19 +45,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="training steps")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "settings.yaml"))
-    import napari
-    from napari.settings import get_settings
     from qtpy.QtWidgets import QDockWidget
 
     from napari_unet._widgets import get_state
     from napari_unet.metrics import object_metrics
 
-    get_settings().application.gui_notification_level = "none"
-    viewer = napari.Viewer(title="napari-unet", show=True)
+    viewer = sample_viewer(WINDOW)
     window = viewer.window._qt_window
-    window.resize(*WINDOW)
-    viewer.open_sample("napari-unet", "nuclei")
     truth = viewer.layers["nuclei labels"].data.copy()
     viewer.layers["nuclei labels"].visible = False
     _, panel = viewer.window.add_plugin_dock_widget("napari-unet", "All tools (one panel)")

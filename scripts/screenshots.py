@@ -23,6 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1500, 950)
 
 
+def sample_viewer(size: tuple[int, int] = WINDOW):
+    """A shown napari viewer of ``size`` with the sample nuclei, on a throw-away napari
+    config (no pop-up notifications over the canvas)."""
+    os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "settings.yaml"))
+    import napari
+    from napari.settings import get_settings
+
+    get_settings().application.gui_notification_level = "none"
+    viewer = napari.Viewer(title="napari-unet", show=True)
+    viewer.window._qt_window.resize(*size)
+    viewer.open_sample("napari-unet", "nuclei")
+    return viewer
+
+
 def settle(seconds: float = 0.3) -> None:
     from qtpy.QtWidgets import QApplication
 
@@ -55,19 +69,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    # a throw-away napari config: no pop-up notifications over the canvas
-    os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "settings.yaml"))
-    import napari
-    from napari.settings import get_settings
-
-    get_settings().application.gui_notification_level = "none"
-
     from napari_unet._widgets import get_state
     from napari_unet.demo import default_or_fallback
 
-    viewer = napari.Viewer(title="napari-unet", show=True)
-    viewer.window._qt_window.resize(*WINDOW)
-    viewer.open_sample("napari-unet", "nuclei")
+    viewer = sample_viewer()
     state = get_state(viewer)
     model, source, untrained = default_or_fallback()
     state.set_model(model, source, untrained=untrained)

@@ -11,13 +11,11 @@ side by side over the image (grid view) and saves ``docs/images/unetpp_depths.pn
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from screenshots import settle, until  # noqa: E402
+from screenshots import sample_viewer, settle, until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = (1500, 950)
@@ -28,15 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("NAPARI_CONFIG", str(Path(tempfile.mkdtemp()) / "settings.yaml"))
-    import napari
-    from napari.settings import get_settings
-
-    get_settings().application.gui_notification_level = "none"
-
-    viewer = napari.Viewer(title="napari-unet", show=True)
-    viewer.window._qt_window.resize(*WINDOW)
-    viewer.open_sample("napari-unet", "nuclei")
+    viewer = sample_viewer(WINDOW)
     _, w = viewer.window.add_plugin_dock_widget("napari-unet", "Compare models")
     until(lambda: w.model_list.count() > 1, timeout=120)
     w.labels_combo.set_layer(viewer.layers["nuclei labels"])
