@@ -6,6 +6,10 @@
 2. A 16384² uint16 image predicted on the GPU: seconds and megapixels/s.
 3. OOM step-down: with the process capped to a small share of the GPU memory, a large batch
    must step down (batch, then tile) and still finish with the same result.
+4. Every bundled variant: tiled predict Mpx/s on a 4096² image (bf16 autocast), and the
+   Compare table (F1@0.5 on the 64 development nuclei) on CUDA against the CPU (fp32 torch).
+5. Fine-tuning on CUDA: steps/s of ``train`` (bf16 autocast, batch 8, 128² patches) and the
+   development-image F1 before and after 300 steps on the sample's annotations.
 
 Prints one table and writes bench/results/gpu.json.
 
@@ -90,6 +94,61 @@ def oom_step_down(model, image: np.ndarray) -> dict:
     }
 
 
+def variants(repeats: int) -> list[dict]:
+    """Per bundled variant: GPU tiled Mpx/s (4096²) and F1 on CUDA vs CPU (Compare)."""
+    from napari_unet._sample_data import nuclei_image, nuclei_labels
+    from napari_unet.compare import compare_models
+    from napari_unet.models.pretrained import available, load_pretrained
+    from napari_unet.synthetic import synthetic_nuclei
+
+    tile, _ = synthetic_nuclei((1024, 1024), seed=2)
+    image = np.tile(tile, (4, 4))
+    img, lab = nuclei_image(), nuclei_labels()
+    gpu_rows = {r.name: r for r in compare_models(None, img, lab, heads=False, device="cuda")}
+    cpu_rows = {r.name: r for r in compare_models(None, img, lab, heads=False, device="cpu")}
+    out = []
+    for name in available():
+        model = load_pretrained(name)
+        mps, _ = tiled_mps(model, image, repeats)
+        g, c = gpu_rows[name], cpu_rows[name]
+        out.append(
+            {"variant": name, "mpx_s_4096": round(mps, 1), "f1_cuda": round(g.f1, 3),
+             "f1_cpu": round(c.f1, 3), "seconds_dev_cuda": round(g.seconds, 3),
+             "seconds_dev_cpu": round(c.seconds, 3)}
+        )  # fmt: skip
+        print(f"  {name:<12}{mps:8.1f} Mpx/s   F1 cuda {g.f1:.3f}  cpu {c.f1:.3f}")
+    return out
+
+
+def finetune() -> dict:
+    """Fine-tune the default model on CUDA: steps/s and development F1 before/after."""
+    from napari_unet._sample_data import nuclei_image, nuclei_labels
+    from napari_unet.metrics import object_metrics
+    from napari_unet.postprocess import segment
+    from napari_unet.training import train
+
+    img, lab = nuclei_image(), nuclei_labels()
+    model = load_default_model()
+
+    def f1() -> float:
+        labels = segment(predict(model, img, device="cuda"))
+        return float(object_metrics(lab, labels)["f1"])
+
+    before = f1()
+    h = train(model, img, lab, roi=(0, 128, 0, 128), steps=300, batch_size=8, patch_size=128,
+              lr=1e-4, validation="none", device="cuda")  # fmt: skip
+    return {
+        "steps": 300,
+        "batch": 8,
+        "patch": 128,
+        "precision": h.settings["precision"],
+        "seconds": round(h.seconds, 2),
+        "steps_per_s": round(300 / h.seconds, 1),
+        "dev_f1_before": round(before, 3),
+        "dev_f1_after": round(f1(), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--huge", type=int, default=16384)
@@ -112,6 +171,9 @@ def main() -> None:
     sync()
     huge_s = time.perf_counter() - t0
     oom = oom_step_down(model, image[:4096, :4096].astype(np.float32) + rng.random((4096, 4096)))
+    print("per variant:")
+    per_variant = variants(args.repeats)
+    tune = finetune()
     result = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -125,6 +187,8 @@ def main() -> None:
             "mpx_s": round(huge.size / huge_s / 1e6, 1),
         },  # fmt: skip
         "oom": oom,
+        "variants": per_variant,
+        "finetune": tune,
     }
     print(f"{'device':<28}{result['device']}")
     print(f"{'raw batched forward':<28}{raw:.1f} Mpx/s (1024² windows, batch 4, bf16)")
@@ -132,6 +196,8 @@ def main() -> None:
     print(f"{f'predict {args.huge}²':<28}{huge_s:.1f} s ({result['huge']['mpx_s']} Mpx/s)")
     print(f"{'OOM step-down (1.5 GiB cap)':<28}{len(oom['step_downs'])} steps, "
           f"max |Δ| {oom['max_abs_diff_vs_uncapped']:.2e}")  # fmt: skip
+    print(f"{'fine-tune on CUDA':<28}{tune['steps_per_s']} steps/s ({tune['precision']}), "
+          f"dev F1 {tune['dev_f1_before']} → {tune['dev_f1_after']}")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS}")

@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 status=0
 echo "== CUDA tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests/test_tiling.py tests/test_backends.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests/test_tiling.py tests/test_backends.py tests/test_training.py \
   || status=1
 echo "== GPU benchmark"
-timeout 300 $PY bench/gpu.py --huge 16384 || status=1
+timeout 330 $PY bench/gpu.py --huge 16384 || status=1
 if [ -n "${OUT:-}" ]; then cp bench/results/gpu.json "$OUT/" 2>/dev/null || true; fi
 exit $status

@@ -452,3 +452,19 @@ def test_z_stack_trains_on_its_annotated_planes():
     assert start["summary"].images == 2
     with pytest.raises(ValueError, match="no plane has annotations"):
         train(model, image, np.zeros_like(truth), steps=1, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_learns_and_comes_back_to_the_cpu(scene):
+    """Fine-tuning on CUDA (bf16 autocast by default): the loss falls, the weights end up
+    on the device they started on and predict on the CPU like they do on the GPU."""
+    img, lab = scene
+    model = tiny()
+    h = train(model, img, lab, roi=(0, 128, 0, 128), steps=60, batch_size=4, patch_size=64,
+              lr=5e-3, validation="none", device="cuda")  # fmt: skip
+    assert h.settings["precision"] == "bf16" and np.isfinite(h.losses).all()
+    assert np.mean(h.losses[-10:]) < 0.8 * np.mean(h.losses[:10])
+    assert next(model.parameters()).device.type == "cpu"
+    cpu = predict(model, img, amp=False)
+    gpu = predict(model, img, device="cuda", amp=False)
+    assert np.abs(cpu - gpu).max() < 1e-3

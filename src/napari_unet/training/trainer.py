@@ -240,7 +240,8 @@ def train(
     callback: Callable[[dict[str, Any]], None] | None = None,
     cancel: Any = None,
 ) -> TrainHistory:
-    """Train ``model`` in place and return the history.
+    """Train ``model`` in place and return the history (the model ends on the device it
+    started on, in eval mode).
 
     Data: ``image`` a :class:`TrainingEntry` or a list of them (several images, each with
     any number of rectangles and optional validation rectangles), or — as before —
@@ -406,6 +407,7 @@ def _loop(
     if augment:
         kwargs = augment if isinstance(augment, dict) else {}
         aug = Augmenter(generator=torch.Generator().manual_seed(seed + 1), **kwargs)
+    home = next(model.parameters()).device
     model.to(dev)
     good = copy.deepcopy(model.state_dict())
     scored = history.data.scored
@@ -458,6 +460,9 @@ def _loop(
             x, t, ign, wgt = sample_batch(data, batch_size, patch, gen)
             if aug is not None:
                 x, t, ign, wgt = aug(x, t, ign, wgt)
+            x, t, ign, wgt = (
+                v if v is None else v.to(dev, non_blocking=True) for v in (x, t, ign, wgt)
+            )
             with torch.autocast(dev.type, dtype=prec.dtype, enabled=prec.autocast):
                 value = compute_loss(model, x, t, wgt, ign, loss=preset)
             loss_value = float(value.detach())
@@ -506,7 +511,7 @@ def _loop(
         model.load_state_dict(good)
         history.error = f"{type(exc).__name__}: {exc}"
         history.seconds = time.perf_counter() - start
-        model.eval()
+        model.eval().to(home)
         raise
     history.seconds = time.perf_counter() - start
-    model.eval()
+    model.eval().to(home)
