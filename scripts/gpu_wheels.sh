@@ -8,5 +8,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   dask zarr numcodecs donfig crc32c partd locket toolz cloudpickle fsspec pyyaml \
-  google-crc32c typing_extensions
+  google-crc32c typing_extensions msgspec
 ls -la .whl

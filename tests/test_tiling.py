@@ -262,3 +262,17 @@ def test_cuda_request_without_gpu_is_clear():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="CUDA is not available"):
         predict(_model("unet"), _image((32, 32)), device="cuda")
+
+
+@cuda
+def test_cuda_steps_down_past_32_bit_kernel_limits():
+    """U²-Net's 64-channel full-resolution stages at a 3072² window and batch 4 exceed
+    the 2³¹ elements CUDA's channels-last bilinear upsampling accepts: predict steps the
+    batch down (as for out-of-memory) instead of failing."""
+    from napari_unet.models.pretrained import load_pretrained
+    from napari_unet.synthetic import synthetic_nuclei
+
+    img = np.tile(synthetic_nuclei((1024, 1024), seed=2)[0], (4, 4))
+    with pytest.warns(RuntimeWarning, match="retrying with batch size"):
+        probs = predict(load_pretrained("u2netp"), img, device="cuda", tile_size=3072, batch_size=4)
+    assert probs.shape == (3, 4096, 4096) and np.isfinite(probs).all()
