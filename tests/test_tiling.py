@@ -266,7 +266,7 @@ def test_cuda_request_without_gpu_is_clear():
 
 @cuda
 def test_cuda_steps_down_past_32_bit_kernel_limits():
-    """U²-Net's 64-channel full-resolution stages at a 3072² window and batch 4 exceed
+    """U²-Net's 64-channel full-resolution stages at a 3584² window and batch 4 exceed
     the 2³¹ elements CUDA's channels-last bilinear upsampling accepts: predict steps the
     batch down (as for out-of-memory) instead of failing."""
     from napari_unet.models.pretrained import load_pretrained
@@ -274,5 +274,5 @@ def test_cuda_steps_down_past_32_bit_kernel_limits():
 
     img = np.tile(synthetic_nuclei((1024, 1024), seed=2)[0], (4, 4))
     with pytest.warns(RuntimeWarning, match="retrying with batch size"):
-        probs = predict(load_pretrained("u2netp"), img, device="cuda", tile_size=3072, batch_size=4)
+        probs = predict(load_pretrained("u2netp"), img, device="cuda", tile_size=3584, batch_size=4)
     assert probs.shape == (3, 4096, 4096) and np.isfinite(probs).all()

@@ -21,6 +21,7 @@ Geometry (per axis, in pixels):
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -266,6 +267,35 @@ def _forward(model: SegmentationModel, x: torch.Tensor, opts: RunOptions) -> lis
             return [activation(model(x, **kwargs))]
 
 
+def _writers(sinks: list[Any], opts: RunOptions, blended: bool) -> int:
+    """Threads that stitch outputs: several for in-memory numpy outputs (disjoint cores,
+    numpy copies release the GIL), one for stores (two cores can share a zarr chunk) and for
+    blended accumulation (windows overlap)."""
+    in_memory = all(isinstance(getattr(s, "array", s), np.ndarray) for s in sinks)
+    if blended or not in_memory or opts.device.type != "cuda":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _to_host(outs: list[torch.Tensor], device: torch.device) -> Callable[[], list[np.ndarray]]:
+    """Start copying ``outs`` to the host; the returned call waits for the copy.
+
+    On CUDA the copy is asynchronous (pinned memory, an event), so the next batch runs on
+    the GPU while this one is stitched on the CPU."""
+    if device.type != "cuda":
+        arrays = [o.numpy() if o.device.type == "cpu" else o.cpu().numpy() for o in outs]
+        return lambda: arrays
+    host = [o.contiguous().to("cpu", non_blocking=True) for o in outs]
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> list[np.ndarray]:
+        done.synchronize()
+        return [h.numpy() for h in host]
+
+    return wait
+
+
 def run_plane(
     model: SegmentationModel,
     read: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -281,6 +311,10 @@ def run_plane(
     ``read(rows, cols)`` returns a normalised float32 block (Cin, h, w) of the mirrored
     plane; ``sinks[k]`` are (C, H, W) arrays (numpy or zarr) receiving output ``k``
     (the final probabilities first; then every head with ``outputs="all"``).
+
+    A pipeline: loader threads read and normalise the next batches while the device runs
+    this one, and writer threads stitch finished batches (see :func:`_writers`); at most
+    a few batches are in flight, so memory stays bounded.
     """
     rows, cols = plan.rows, plan.cols
     tiles = list(plan.tiles())
@@ -290,6 +324,8 @@ def run_plane(
     if plan.blended:
         acc = [np.zeros(s.shape, np.float32) for s in sinks]
         wsum = np.zeros(sinks[0].shape[-2:], np.float32)
+    cuda = opts.device.type == "cuda"
+    n_load, n_write = (2 if cuda else 1), _writers(sinks, opts, plan.blended)
 
     def load(batch: list[tuple[int, int]]) -> torch.Tensor:
         blocks = []
@@ -298,31 +334,40 @@ def run_plane(
             c = np.arange(cols.starts[j], cols.starts[j] + cols.window) - cols.pad_before
             blocks.append(read(r, c))
         x = torch.from_numpy(np.stack(blocks))
-        if opts.device.type == "cuda":
-            x = x.pin_memory().to(opts.device, non_blocking=True)
-        if opts.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.pin_memory() if cuda else x
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(load, batches[0]) if batches else None
+    def write(batch: list[tuple[int, int]], fetch: Callable[[], list[np.ndarray]]) -> None:
+        outs = fetch()
+        for n, (i, j) in enumerate(batch):
+            if plan.blended:
+                _accumulate(outs, n, rows, cols, i, j, acc, wsum, weights)
+                continue
+            ra, rb, ro = rows.cores[i]
+            ca, cb, co = cols.cores[j]
+            for sink, out in zip(sinks, outs):
+                sink[:, ra:rb, ca:cb] = out[n, :, ro : ro + rb - ra, co : co + cb - ca]
+
+    with ThreadPoolExecutor(n_load) as loader, ThreadPoolExecutor(n_write) as writer:
+        loads = [loader.submit(load, b) for b in batches[:n_load]]
+        writes: list[Any] = []
         for b, batch in enumerate(batches):
             if is_cancelled(cancel):
                 raise Cancelled()
-            x = future.result()
-            if b + 1 < len(batches):
-                future = pool.submit(load, batches[b + 1])
-            outs = [o.cpu().numpy() for o in _forward(model, x, opts)]
-            for n, (i, j) in enumerate(batch):
-                if plan.blended:
-                    _accumulate(outs, n, rows, cols, i, j, acc, wsum, weights)
-                    continue
-                ra, rb, ro = rows.cores[i]
-                ca, cb, co = cols.cores[j]
-                for sink, out in zip(sinks, outs):
-                    sink[:, ra:rb, ca:cb] = out[n, :, ro : ro + rb - ra, co : co + cb - ca]
+            x = loads[b].result()
+            loads[b] = None  # type: ignore[call-overload]  # release the batch once sent
+            if b + n_load < len(batches):
+                loads.append(loader.submit(load, batches[b + n_load]))
+            x = x.to(opts.device, non_blocking=True)
+            if opts.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            fetch = _to_host(_forward(model, x, opts), opts.device)
+            writes.append(writer.submit(write, batch, fetch))
+            while len(writes) > n_write + 1:  # bounded: finished outputs wait for a writer
+                writes.pop(0).result()
             if on_batch is not None:
                 on_batch(len(batch))
+        for w in writes:
+            w.result()
     if plan.blended:
         for sink, a in zip(sinks, acc):
             sink[...] = a / wsum
