@@ -274,7 +274,7 @@ def _writers(sinks: list[Any], opts: RunOptions, blended: bool) -> int:
     in_memory = all(isinstance(getattr(s, "array", s), np.ndarray) for s in sinks)
     if blended or not in_memory or opts.device.type != "cuda":
         return 1
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def _to_host(outs: list[torch.Tensor], device: torch.device) -> Callable[[], list[np.ndarray]]:
@@ -325,8 +325,7 @@ def run_plane(
         acc = [np.zeros(s.shape, np.float32) for s in sinks]
         wsum = np.zeros(sinks[0].shape[-2:], np.float32)
     cuda = opts.device.type == "cuda"
-    n_load = max(2, min(4, (os.cpu_count() or 2) // 4)) if cuda else 1
-    n_write = _writers(sinks, opts, plan.blended)
+    n_load, n_write = (2 if cuda else 1), _writers(sinks, opts, plan.blended)
 
     def load(batch: list[tuple[int, int]]) -> torch.Tensor:
         blocks = []
