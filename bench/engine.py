@@ -31,11 +31,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _env import cpu_model
-from napari_unet import backends
+from napari_unet.inference import backends
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.runtime import cpu_has_bf16
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
@@ -70,14 +70,14 @@ def load_variant(name: str):
 
 def flops_per_mp(model) -> float:
     x = torch.zeros(1, model.in_channels, 512, 512)
-    if model.info.halo:
+    if model.info.border:
         x = torch.zeros(
             1, model.in_channels, model.valid_input_size(512), model.valid_input_size(512)
         )
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    out = model.output_size(x.shape[-1]) if model.info.halo else x.shape[-1]
+    out = model.output_size(x.shape[-1]) if model.info.border else x.shape[-1]
     return counter.get_total_flops() / (out * out) * 1e6 / 1e9
 
 

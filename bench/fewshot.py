@@ -30,10 +30,10 @@ from skimage.segmentation import watershed
 
 from _env import cpu_model
 from napari_unet.checkpoint import load_default_model
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.training import train
 
 CROP = (0, 128, 0, 128)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from napari_unet.checkpoint import load_default_model
-from napari_unet.predict import predict
+from napari_unet.inference.predict import predict
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 

@@ -275,9 +275,9 @@ def part_loop(steps: int, threads: int) -> dict:
 
     from napari_unet._sample_data import nuclei_image, nuclei_labels
     from napari_unet.checkpoint import load_default_model
+    from napari_unet.inference.predict import predict
     from napari_unet.metrics import object_metrics
     from napari_unet.postprocess import segment
-    from napari_unet.predict import predict
     from napari_unet.runtime import torch_threads
     from napari_unet.training import TrainingEntry, train
 

@@ -240,7 +240,7 @@ def measure(cases: list[Case], size: int, repeats: int) -> list[Row]:
                 peak_mib=peaks[case.name],
                 input_size=size,
                 compute_size=case.model.legal_size(size),
-                halo=info.halo,
+                border=info.border,
                 size_divisor=info.size_divisor,
                 receptive_field=(
                     info.receptive_field if case.receptive_field is None else case.receptive_field
@@ -291,7 +291,7 @@ def format_table(rows: list[Row]) -> str:
             f"{r.latency_min_s:.3f}",
             "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}",
             f"{r.compute_size}²" + (" (padded)" if r.compute_size != r.input_size else ""),
-            str(r.halo),
+            str(r.border),
             str(r.size_divisor),
             str(r.receptive_field),
             str(r.deep_supervision_outputs),

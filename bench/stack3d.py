@@ -26,9 +26,9 @@ import torch
 
 from _env import cpu_model
 from napari_unet.checkpoint import load_default_model
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.synthetic import synthetic_nuclei_3d
 from napari_unet.volume import segment_stack
 

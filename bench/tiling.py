@@ -86,14 +86,15 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from _env import cpu_model
-from napari_unet.models import SegmentationModel, build_model
-from napari_unet.normalize import (
+from napari_unet.inference.normalize import (
     apply_normalization,
     get_normalization,
     normalization_stats,
     sample_plane,
 )
-from napari_unet.predict import DEFAULT_TILE, predict, tile_plan_for
+from napari_unet.inference.plan import DEFAULT_TILE, tile_plan_for
+from napari_unet.inference.predict import predict
+from napari_unet.models import SegmentationModel, build_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS = RESULTS_DIR / "tiling.json"

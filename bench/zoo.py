@@ -26,10 +26,10 @@ import torch
 
 from _env import cpu_model
 from napari_unet.compare import compare_models
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models.pretrained import list_pretrained, load_pretrained
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CROP = (0, 128, 0, 128)

@@ -22,10 +22,10 @@ import torch
 
 from napari_unet._sample_data import nuclei_image, nuclei_labels
 from napari_unet.checkpoint import save_model
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.synthetic import synthetic_dataset
 from napari_unet.training import train
 

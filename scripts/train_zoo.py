@@ -37,10 +37,10 @@ import torch
 from napari_unet._sample_data import nuclei_image, nuclei_labels
 from napari_unet.checkpoint import load_default_model, save_model
 from napari_unet.compare import head_names
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model, count_parameters
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.synthetic import synthetic_dataset
 from napari_unet.training.augment import Augmenter
 from napari_unet.training.data import prepare, sample_batch
@@ -238,7 +238,7 @@ def train_variant(
         for im, lab in zip(images, labels)
     ]
     patch = 128
-    if model.halo > 0:
+    if model.border > 0:
         patch = model.valid_input_size(128)
     stage1 = resume is not None and resume.is_file()
     if stage1:  # stage 1 already trained (same seeds): continue from its weights
@@ -300,7 +300,7 @@ def cost(model) -> dict[str, float]:
     model = copy.deepcopy(model).float().eval()
 
     def size(n: int) -> int:  # input size giving an n² output (valid U-Net: larger)
-        return model.valid_input_size(n) if model.halo > 0 else n
+        return model.valid_input_size(n) if model.border > 0 else n
 
     with torch.inference_mode():
         counter = FlopCounterMode(display=False)

@@ -11,13 +11,13 @@ import torch
 
 pytest.importorskip("openvino")
 
-from napari_unet import backends
 from napari_unet.checkpoint import load_default_model
+from napari_unet.inference import backends
+from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
 from napari_unet.models import build_model
 from napari_unet.models.base import SegmentationModel
 from napari_unet.postprocess import segment
-from napari_unet.predict import predict
 from napari_unet.runtime import cpu_has_bf16
 from napari_unet.synthetic import synthetic_nuclei
 
@@ -59,7 +59,7 @@ def test_exact_mode_equals_the_whole_image_torch_output(name, kwargs, extra, tmp
     model = build_model(name, 1, 3, **kwargs).eval()
     rng = np.random.default_rng(0)
     image = rng.random((150, 170), np.float32)
-    tile = model.valid_input_size(60) if model.info.halo else 96  # several windows
+    tile = model.valid_input_size(60) if model.info.border else 96  # several windows
     ref = predict(model, image, exact=True, runtime="torch", tile_size=tile, device="cpu", **extra)
     got = predict(
         model, image, exact=True, tile_size=tile, device="cpu", runtime="openvino", **extra

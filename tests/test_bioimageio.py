@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 
 from napari_unet.bioimageio import export_bioimageio, is_bioimageio_package, load_bioimageio
 from napari_unet.checkpoint import load_default_model
+from napari_unet.inference.predict import predict
 from napari_unet.models import build_model
-from napari_unet.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +161,16 @@ def test_export_other_variants(tmp_path):
             rdf = yaml.safe_load(zf.read("rdf.yaml"))
             session = ort.InferenceSession(zf.read("weights.onnx"))
         y_axis = next(a for a in rdf["outputs"][0]["axes"] if a.get("id") == "y")
-        assert y_axis["size"].get("offset", 0) == -2 * model.info.halo
-        side = model.valid_input_size(60) if model.info.halo else 72
+        assert y_axis["size"].get("offset", 0) == -2 * model.info.border
+        side = model.valid_input_size(60) if model.info.border else 72
         x = torch.rand(2, 1, side, side + 8 * model.size_divisor)
         with torch.no_grad():
             ref = torch.softmax(model(x), 1).numpy()
         out = session.run(None, {"input": x.numpy()})[0]
         assert out.shape == ref.shape
         assert np.abs(out - ref).max() <= 1e-4
-        if model.info.halo:  # napari-unet re-imports it through its checkpoint
-            assert load_bioimageio(path).info.halo == model.info.halo
+        if model.info.border:  # napari-unet re-imports it through its checkpoint
+            assert load_bioimageio(path).info.border == model.info.border
             with pytest.raises(ValueError, match="smaller than"):
                 load_bioimageio(path, prefer="onnx")
 

@@ -15,12 +15,13 @@ distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
 
 from napari_unet import distributed as dist  # noqa: E402
-from napari_unet.axes import resolve_layout  # noqa: E402
 from napari_unet.checkpoint import load_model, save_model  # noqa: E402
+from napari_unet.inference.layout import resolve_layout  # noqa: E402
+from napari_unet.inference.normalize import get_normalization, normalization_stats, sample_plane  # noqa: E402
+from napari_unet.inference.predict import predict  # noqa: E402
 from napari_unet.models import build_model  # noqa: E402
-from napari_unet.normalize import get_normalization, normalization_stats, sample_plane  # noqa: E402
 from napari_unet.postprocess import segment  # noqa: E402
-from napari_unet.predict import Cancelled, predict  # noqa: E402
+from napari_unet.runtime import Cancelled  # noqa: E402
 from napari_unet.synthetic import synthetic_nuclei  # noqa: E402
 
 SIZE = 4096

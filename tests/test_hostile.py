@@ -739,13 +739,13 @@ def test_package_predict_is_always_the_function(assets):
     x = assets["image"].astype(np.float32)
     ok = 0
     for _ in range(2):
-        importlib.import_module("napari_unet.predict")
+        importlib.import_module("napari_unet.inference.predict")
         assert napari_unet.predict(assets["model"], x).shape == (3, 48, 64)
         from napari_unet import predict
 
         assert callable(predict) and predict.__name__ == "predict"
         ok += 1
-    from napari_unet.predict import DEFAULT_TILE, tile_plan_for  # the submodule still works
+    from napari_unet.inference import DEFAULT_TILE, tile_plan_for  # the submodule still works
 
     assert DEFAULT_TILE and tile_plan_for
     RESULTS.append({"category": "API", "case": "predict_called_twice", "clean": ok == 2, "data_lost": False,
@@ -796,7 +796,7 @@ def test_api_outputs_and_inputs(assets, tmp_path):
 
 
 def _cancelled(napari_unet, model, image, out, stop):
-    from napari_unet.tiling import Cancelled
+    from napari_unet.runtime import Cancelled
 
     try:
         napari_unet.predict(model, image, out=out, cancel=stop)
@@ -812,7 +812,8 @@ def _timeout(*_):
 @pytest.mark.parametrize("depth", [2, 3, 4])
 def test_valid_unet_any_tile_size(depth):
     """The valid U-Net's plan at every small window: a correct plan, never a zero step."""
-    from napari_unet.predict import predict, tile_plan_for
+    from napari_unet.inference.plan import tile_plan_for
+    from napari_unet.inference.predict import predict
 
     model = build_model("unet", 1, 2, padding="valid", base_channels=2, depth=depth, norm="none")
     x = np.random.default_rng(0).random((70, 90)).astype(np.float32)

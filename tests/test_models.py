@@ -96,7 +96,7 @@ def test_valid_unet_572_to_388():
     with torch.no_grad():
         y = m(torch.randn(1, 1, 572, 572))
     assert y.shape == (1, 2, 388, 388)
-    assert m.halo == 92
+    assert m.border == 92
     assert m.valid_input_size(388) == 572
     assert m.output_size(572) == 388
 
@@ -216,7 +216,7 @@ def test_receptive_field_is_measured():
     assert 9 <= rf[0] <= 12
     # the valid U-Net's dependence radius covers its halo
     valid = build_model("unet", 1, 2, padding="valid", base_channels=2, depth=4, norm="none")
-    assert valid.info.receptive_field >= valid.halo == 92
+    assert valid.info.receptive_field >= valid.border == 92
 
 
 def test_group_norm_is_not_tile_exact():

@@ -10,9 +10,11 @@ import pytest
 import torch
 import zarr
 
+from napari_unet.inference.plan import tile_plan_for
+from napari_unet.inference.predict import predict
+from napari_unet.inference.source import reflect_index
 from napari_unet.models import build_model
-from napari_unet.predict import Cancelled, predict, tile_plan_for
-from napari_unet.tiling import reflect_index
+from napari_unet.runtime import Cancelled
 
 EXACT = {
     "unet": {"base_channels": 4, "depth": 3},
@@ -60,7 +62,11 @@ def test_exact_tiling_equals_whole_image(name, shape):
 def test_whole_image_run_is_the_plain_forward():
     m = _model("unet")
     img = _image((97, 131))
-    from napari_unet.normalize import apply_normalization, get_normalization, normalization_stats
+    from napari_unet.inference.normalize import (
+        apply_normalization,
+        get_normalization,
+        normalization_stats,
+    )
 
     stats = normalization_stats(img[None].astype(np.float64), get_normalization(m))
     x = torch.from_numpy(apply_normalization(img[None], stats))[None]
@@ -89,7 +95,11 @@ def test_valid_unet_overlap_tile_from_388_pixel_tiles():
     assert tiled.shape == (2, 700, 530)
     assert np.abs(tiled - whole).max() <= 1e-5
     # the whole-image run is the paper's: mirror by the halo, one pass, crop
-    from napari_unet.normalize import apply_normalization, get_normalization, normalization_stats
+    from napari_unet.inference.normalize import (
+        apply_normalization,
+        get_normalization,
+        normalization_stats,
+    )
 
     stats = normalization_stats(img[None].astype(np.float64), get_normalization(m))
     size = m.valid_input_size(700), m.valid_input_size(530)
@@ -221,7 +231,7 @@ def test_outputs_all_and_unetpp_levels():
 
 
 def test_blended_mode_for_attention_models_has_small_seams():
-    from napari_unet.tiling import seam_score
+    from napari_unet.inference.tiler import seam_score
 
     m = _model("swin_unet", embed_dim=24)
     img = _image((600, 500))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from napari_unet.checkpoint import load_model, save_model
+from napari_unet.inference.predict import predict
 from napari_unet.models import build_model
-from napari_unet.predict import predict
 from napari_unet.synthetic import synthetic_nuclei
 from napari_unet.training import (
     MIN_VAL_OBJECTS,

@@ -256,8 +256,8 @@ def test_channel_picker_two_channel_image(viewer, qtbot):
     wait_job(qtbot, w.run())
     out = w.last_layers["labels"]
     assert out.data.shape == (256, 512)  # one plane, not two
+    from napari_unet.inference.predict import predict
     from napari_unet.postprocess import segment
-    from napari_unet.predict import predict
 
     model = get_state(viewer).model
     expected = segment(predict(model, nuclei, device="cpu"))
@@ -385,7 +385,7 @@ def test_train_lowers_loss_and_predict_uses_it(viewer, qtbot):
     wait_job(qtbot, predict_widget.run())
     probs_after = predict_widget.last_layers["probabilities"].data
     assert not np.allclose(probs_before, probs_after)
-    from napari_unet.predict import predict
+    from napari_unet.inference.predict import predict
 
     expected = predict(state.model, viewer.layers["nuclei"].data, device="cpu")
     np.testing.assert_allclose(probs_after, expected, atol=1e-5)
@@ -478,7 +478,7 @@ def test_all_tools_fit_a_1600x1000_window(make_napari_viewer, qtbot):
 def test_model_list_keeps_every_model_and_bundled_output(viewer, qtbot):
     """Item 3: bundled + built + trained stay selectable; switching back gives the same output."""
     from napari_unet.checkpoint import load_default_model
-    from napari_unet.predict import predict
+    from napari_unet.inference.predict import predict
 
     state = get_state(viewer)
     w = dock(viewer, "Model")
@@ -755,7 +755,7 @@ def test_model_widget_exports_and_loads_a_bioimageio_package(make_napari_viewer,
     pytest.importorskip("bioimageio.spec")
     from napari_unet._widgets import ModelWidget
     from napari_unet.checkpoint import load_default_model
-    from napari_unet.predict import predict
+    from napari_unet.inference.predict import predict
 
     viewer = make_napari_viewer()
     widget = ModelWidget(viewer)

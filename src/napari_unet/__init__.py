@@ -3,18 +3,13 @@
 The engine (models, tiling, training) imports neither napari nor Qt; heavy modules are
 imported lazily so that napari starts fast with the plugin installed.
 
-``napari_unet.predict`` is the *function* :func:`napari_unet.predict.predict`, also after
-the submodule of the same name has been imported (``from napari_unet.predict import
-...`` keeps working: it reads the submodule from ``sys.modules``). Python's import system
-binds a submodule as an attribute of its package after importing it; the package's
-module class below turns that binding into the function of the same name.
+Public API: ``napari_unet.predict`` (:func:`napari_unet.inference.predict`), ``train``,
+``segment``, ``load_pretrained``, ... — each the function of that name, imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -28,8 +23,8 @@ _configure_openmp()
 _LAZY = {
     "build_model": "napari_unet.models",
     "list_models": "napari_unet.models",
-    "predict": "napari_unet.predict",
-    "Cancelled": "napari_unet.tiling",
+    "predict": "napari_unet.inference.predict",
+    "Cancelled": "napari_unet.runtime",
     "segment": "napari_unet.postprocess",
     "border_weight_map": "napari_unet.weightmap",
     "save_model": "napari_unet.checkpoint",
@@ -43,9 +38,6 @@ _LAZY = {
     "export_bioimageio": "napari_unet.bioimageio",
 }
 
-# public functions that share their name with the submodule defining them
-_SHADOWED = {name for name, module in _LAZY.items() if module == f"{__name__}.{name}"}
-
 __all__ = ["__version__", *_LAZY]
 
 
@@ -57,16 +49,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """Keeps ``napari_unet.<name>`` the public function when the submodule ``<name>``
-    is imported (the import system then does ``setattr(package, name, submodule)``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

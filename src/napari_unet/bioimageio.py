@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .inference.normalize import get_normalization
 from .models import build_model
 from .models.base import SegmentationModel
-from .normalize import get_normalization
 from .postprocess import default_class_names
 
 MAX_PACKAGE_BYTES = 2 * 1024**3
@@ -279,7 +279,7 @@ def export_bioimageio(
     with tempfile.TemporaryDirectory(prefix="napari-unet-bioimageio-") as tmpdir:
         tmp = Path(tmpdir)
         size = test_size
-        if info.halo:  # valid convolutions: a legal input size
+        if info.border:  # valid convolutions: a legal input size
             size = model.valid_input_size(max(model.output_size(test_size), 4))  # type: ignore[attr-defined]
         raw = _sample_input(model, size)
         if size > raw.shape[-1]:
@@ -304,7 +304,7 @@ def export_bioimageio(
 
         div = int(info.size_divisor)
         min_out = max(div, 16)
-        in_min = model.valid_input_size(min_out) if info.halo else min_out  # type: ignore[attr-defined]
+        in_min = model.valid_input_size(min_out) if info.border else min_out  # type: ignore[attr-defined]
         in_axes = [
             bio.BatchAxis(),
             bio.ChannelAxis(
@@ -340,7 +340,7 @@ def export_bioimageio(
 
         def out_axis(axis: str) -> Any:
             ref = bio.SizeReference(
-                tensor_id=bio.TensorId("input"), axis_id=bio.AxisId(axis), offset=-2 * info.halo
+                tensor_id=bio.TensorId("input"), axis_id=bio.AxisId(axis), offset=-2 * info.border
             )
             return bio.SpaceOutputAxis(id=bio.AxisId(axis), size=ref)
 

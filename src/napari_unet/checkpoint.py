@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
+from .inference.normalize import DEFAULT_NORMALIZATION, check_normalization, get_normalization
 from .models import SegmentationModel, build_model, canonical_name, list_models
-from .normalize import DEFAULT_NORMALIZATION, check_normalization, get_normalization
 from .postprocess import default_class_names
 
 __all__ = [

@@ -43,9 +43,9 @@ def _cli_model(spec: str | None, untrained: bool):
     ``.safetensors`` path → that checkpoint; ``--untrained`` → a fresh 3-class network."""
     import warnings
 
+    from .inference.resolve import resolve_model
     from .models import build_model
     from .models.pretrained import is_pretrained, load_pretrained
-    from .predict import resolve_model
 
     if untrained:
         if spec is None or str(spec).endswith(".safetensors"):
@@ -129,7 +129,7 @@ def _model_path(spec: str | None) -> str | None:
 
 def _check_memory(image, model, axes: str | None, channel: int | None) -> None:
     """Refuse, with the sizes, an in-memory prediction that cannot fit (before computing)."""
-    from .axes import resolve_layout
+    from .inference.layout import resolve_layout
     from .io import format_bytes, memory_budget
 
     layout = resolve_layout(image.data, model.in_channels, axes, channel)
@@ -239,11 +239,12 @@ def _check_targets(args: argparse.Namespace, image_ngff: bool | None) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .axes import resolve_layout
+    from .inference.layout import resolve_layout
+    from .inference.predict import predict
     from .io import open_image
     from .outputs import commit_all, plan_outputs, write_data, writing
     from .postprocess import default_class_names, segment
-    from .predict import predict, select_device
+    from .runtime import select_device
 
     if args.dask:
         image = open_image(args.image, series=args.series)
@@ -451,7 +452,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .io import format_bytes, memory_budget, open_image
     from .models import build_model
     from .outputs import plan_output
-    from .predict import select_device
+    from .runtime import select_device
     from .training import parse_roi, train
 
     out = plan_output(

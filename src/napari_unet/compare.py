@@ -22,7 +22,7 @@ import numpy as np
 from .metrics import object_metrics
 from .models.base import SegmentationModel, count_parameters
 from .postprocess import segment
-from .tiling import is_cancelled
+from .runtime import is_cancelled
 
 AP_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 CONTEXT = 32
@@ -179,9 +179,9 @@ def compare_models(
     between models with :class:`napari_unet.Cancelled`. ``keep_labels``: each row keeps
     its predicted instances (``row.labels``).
     """
+    from .inference.predict import predict
     from .models.pretrained import list_pretrained, load_pretrained
-    from .predict import predict
-    from .tiling import Cancelled
+    from .runtime import Cancelled
 
     labels = np.asarray(labels)
     if labels.ndim != 2:

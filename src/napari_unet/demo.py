@@ -66,7 +66,7 @@ def resolve_demo_model(model: Any = None) -> tuple[Any, str, bool]:
     if isinstance(model, (str, Path)):
         import warnings
 
-        from .predict import resolve_model
+        from .inference.resolve import resolve_model
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -97,8 +97,9 @@ def _say(text: str) -> None:
 def run_engine_only(output: Path, model: Any = None) -> dict[str, Any]:
     """No display at all: predict the sample with the engine and write the TIFFs."""
     from ._sample_data import nuclei_image
+    from .inference.predict import predict
     from .postprocess import default_class_names, segment
-    from .predict import predict, select_device
+    from .runtime import select_device
 
     model, source, untrained = resolve_demo_model(model)
     _, why = select_device("auto")

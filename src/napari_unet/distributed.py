@@ -281,7 +281,7 @@ class _ModelPlugin(_PluginBase):
     def setup(self, worker: Any) -> None:
         import torch
 
-        from .predict import select_device
+        from .runtime import select_device
 
         threads = self.threads
         if threads is None:
@@ -327,8 +327,8 @@ def _load_bytes(data: bytes) -> Any:
 def _model_bytes(model: Any) -> tuple[Any, bytes]:
     """(model object, its safetensors checkpoint bytes) for a model, a path, a name or None."""
     from . import checkpoint
+    from .inference.resolve import resolve_model
     from .models.base import SegmentationModel
-    from .predict import resolve_model
 
     if model is None:
         path = checkpoint.default_model_path()
@@ -453,7 +453,7 @@ def build_spec(
     g = obj.size_divisor
     chunk = _round_up(max(int(chunk_size), 2 * STRIP, g), g)
     margin = 0 if mode == "semantic" else _round_up(max(int(margin), STRIP), g)
-    valid = obj.halo > 0
+    valid = obj.border > 0
     if valid:
         context, eff_halo, exact_run = margin, halo, exact
     elif obj.info.tile_exact:
@@ -543,9 +543,12 @@ def chunk_probabilities(
     """
     import dask
 
-    from .normalize import normalize_block
-    from .predict import _amp_dtype, tile_plan_for
-    from .tiling import RunOptions, device_lock, read_window, reflect_index, run_plane
+    from .inference.normalize import normalize_block
+    from .inference.plan import tile_plan_for
+    from .inference.source import read_window, reflect_index
+    from .inference.tiler import RunOptions, run_plane
+    from .runtime import amp_dtype as _amp_dtype
+    from .runtime import device_lock
 
     h, w = spec.height, spec.width
     g = model.size_divisor
@@ -612,7 +615,7 @@ def _strips(spec: _Spec, labels: np.ndarray, s0: int, sc0: int, i: int, j: int) 
 
 
 def _layout_for(spec: _Spec, source: Any) -> Any:
-    from .axes import resolve_layout
+    from .inference.layout import resolve_layout
 
     image = source.data if isinstance(source, _Source) else source
     return resolve_layout(image, spec.in_channels, spec.axes, spec.channel)
@@ -877,7 +880,7 @@ def _gather(
     """
     from distributed import as_completed
 
-    from .tiling import Cancelled, is_cancelled
+    from .runtime import Cancelled, is_cancelled
 
     with client.as_current():
         finished = as_completed(futures)
@@ -1030,8 +1033,8 @@ def _predict_locked(
     overwrite: bool,
     local: bool,
 ) -> tuple[Any, Any]:
-    from .axes import resolve_layout
-    from .normalize import get_normalization, normalization_stats, sample_plane
+    from .inference.layout import resolve_layout
+    from .inference.normalize import get_normalization, normalization_stats, sample_plane
 
     obj, data = _model_bytes(model)
     if level is not None and not hasattr(obj, "level_parameters"):

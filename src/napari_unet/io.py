@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .axes import check_dtype
+from .inference.layout import check_dtype
 from .outputs import ZARR_SUFFIXES, is_zarr, plan_output, write_data
 
 __all__ = [

@@ -31,9 +31,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 THREADS_ENV = "NAPARI_UNET_THREADS"
 """Environment variable overriding :func:`choose_threads` (a positive integer)."""
@@ -250,3 +254,63 @@ def choose_precision(device: Any, precision: str = "auto") -> Precision:
     if units:
         return Precision("bf16", torch.bfloat16, "bf16 autocast (CPU has bf16 matrix units)")
     return Precision("fp32", None, "float32 (this CPU has no bf16 matrix units)")
+
+
+# ------------------------------------------------------------ devices and cancelling
+def select_device(device: str | torch.device = "auto") -> tuple[torch.device, str]:
+    """Resolve ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` and say why.
+
+    Returns:
+        (device, reason): the torch device and a one-line reason for the status bar.
+    """
+    import torch
+
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda"), f"CUDA: {torch.cuda.get_device_name(0)}"
+        return torch.device("cpu"), "CPU (CUDA not available)"
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
+    return (
+        dev,
+        "CPU (requested)" if dev.type == "cpu" else f"CUDA: {torch.cuda.get_device_name(dev)}",
+    )
+
+
+def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """Autocast dtype for inference: None (fp32) unless ``amp`` (default: on CUDA only);
+    bf16 on the CPU and on CUDA cards that have it, else fp16."""
+    import torch
+
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+class Cancelled(Exception):
+    """Raised when a cancel token fires; no partial result is returned."""
+
+
+def is_cancelled(cancel: Any) -> bool:
+    """A cancel token is a ``threading.Event``-like object or a zero-argument callable."""
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def device_lock() -> threading.Lock:
+    """Serialises GPU use between concurrent predictions in one process."""
+    return _LOCK
+
+
+_LOCK = threading.Lock()

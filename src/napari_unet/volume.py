@@ -265,7 +265,7 @@ def predict_stack(
     Returns:
         float32 (C, Z, Y, X) probabilities.
     """
-    from .predict import predict
+    from .inference.predict import predict
 
     probs = np.asarray(predict(model, stack, axes=axes, **predict_kwargs))
     if not orthogonal:
@@ -373,7 +373,7 @@ def segment_stack(
             del cache[z]
         return np.stack(planes, axis=1)
 
-    from .predict import predict
+    from .inference.predict import predict
 
     return segment_volume_slabs(
         read,

@@ -40,7 +40,7 @@ def _task_slab(
     import zarr
 
     from .distributed import _DEVICES, _MODELS
-    from .predict import predict
+    from .inference.predict import predict
 
     model = _MODELS[key]
     src = zarr.open_array(source, mode="r")

@@ -84,7 +84,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any) -> dict:
     """Every deep-supervision / side output (foreground probability) and its table row."""
     from ..postprocess import default_class_names
-    from ..predict import select_device
+    from ..runtime import select_device
     from ._predict import cpu_threads
 
     names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
@@ -97,7 +97,7 @@ def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any
 def _side_outputs(
     model: Any, request: Any, device: str, report: Any, cancel: Any, names: list[str]
 ) -> dict:
-    from ..predict import predict
+    from ..inference.predict import predict
 
     def progress(done: int, total: int) -> None:
         report(("progress", done, total))

@@ -46,7 +46,8 @@ TERMS = {
     "channels in → classes": "Image channels the network reads → classes it outputs per "
     "pixel (background / interior / boundary separates touching nuclei)",
     "parameters": "Number of learned weights: a measure of the network's size",
-    "halo": "Border (in pixels) each tile needs around it so tiled prediction has no seams",
+    "border": "Pixels lost on each side by unpadded (valid) convolutions: the paper's U-Net "
+    "outputs a smaller image than its input (0 for padded networks)",
     "size divisor": "Image sizes are padded to a multiple of this (the network halves the "
     "image this many times over)",
     "receptive field": "How far (in pixels) the network looks around each pixel to decide",
@@ -115,9 +116,8 @@ def new_model_defaults(state: Any, defaults: dict[str, Any], name: str) -> dict[
 
 def runtime_text(model: Any, device: str) -> str:
     """Which inference runtime predictions of ``model`` use here, and how to get faster."""
-    from ..backends import resolve_runtime
-    from ..predict import select_device
-    from ..runtime import cpu_has_bf16
+    from ..inference.backends import resolve_runtime
+    from ..runtime import cpu_has_bf16, select_device
 
     try:
         dev, _ = select_device(device)
@@ -133,7 +133,7 @@ def runtime_text(model: Any, device: str) -> str:
 def describe(model: Any, device: str) -> dict[str, str]:
     """Rows of the info panel (engine import; run in a worker: measures the RF once)."""
     from ..postprocess import default_class_names
-    from ..predict import select_device
+    from ..runtime import select_device
 
     info = model.info
     try:
@@ -146,7 +146,7 @@ def describe(model: Any, device: str) -> dict[str, str]:
         "config": ", ".join(f"{k}={v}" for k, v in model.config.items()),
         "channels in → classes": f"{model.in_channels} → {model.num_classes} ({', '.join(classes)})",
         "parameters": f"{info.parameters:,}",
-        "halo": f"{info.halo} px",
+        "border": f"{info.border} px",
         "size divisor": str(info.size_divisor),
         "receptive field": f"radius {info.receptive_field} px",
         "deep-supervision outputs": str(info.deep_supervision_outputs),

@@ -84,9 +84,9 @@ def run_prediction(
     ``objects_3d``: instance labels of a (Z, Y, X) stack made in 3-D (one object per
     nucleus across planes, voxel size from the layer's scale) instead of plane by plane.
     """
+    from ..inference.predict import predict
     from ..postprocess import default_class_names
-    from ..predict import predict, select_device
-    from ..tiling import Cancelled
+    from ..runtime import Cancelled, select_device
 
     previous = previous or {}
     dev, why = select_device(device)
@@ -154,7 +154,7 @@ def _segment_planes(
 ) -> np.ndarray:
     """Labels of (C, *leading, Y, X) probabilities, plane by plane with progress."""
     from ..postprocess import segment
-    from ..tiling import Cancelled
+    from ..runtime import Cancelled
 
     lead = probs.shape[1:-2]
     planes = list(np.ndindex(*lead)) if lead else [()]
@@ -391,7 +391,7 @@ class PredictWidget(Panel):
         depth = getattr(model, "depth", 0) if hasattr(model, "level_parameters") else 0
         self.level.setRange(0, depth)
         if model is not None:  # the engine is loaded: show its defaults
-            from ..predict import DEFAULT_BATCH, DEFAULT_TILE
+            from ..inference.plan import DEFAULT_BATCH, DEFAULT_TILE
 
             tiles = sorted(set(DEFAULT_TILE.values()))
             self.tile.setSpecialValueText(f"auto ({'/'.join(map(str, tiles))} px)")

@@ -31,7 +31,7 @@ class ModelInfo:
     in_channels: int
     num_classes: int
     parameters: int
-    halo: int
+    border: int
     """Pixels lost per side (valid convolutions); 0 for padded nets."""
     size_divisor: int
     """Input sizes the network computes without internal padding are multiples of this."""
@@ -106,7 +106,11 @@ class SegmentationModel(nn.Module):
         return -1
 
     @property
-    def halo(self) -> int:
+    def border(self) -> int:
+        """Pixels lost per side by valid (unpadded) convolutions: 0 for padded networks,
+        92 for the paper's valid U-Net at depth 4 (572² in → 388² out). Not the tiler's
+        ``halo`` (the context kept around each window's core, see
+        :mod:`napari_unet.inference.plan`)."""
         return 0
 
     @property
@@ -180,7 +184,7 @@ class SegmentationModel(nn.Module):
             in_channels=self.in_channels,
             num_classes=self.num_classes,
             parameters=count_parameters(self),
-            halo=self.halo,
+            border=self.border,
             size_divisor=self.size_divisor,
             receptive_field=self.receptive_field,
             deep_supervision_outputs=self.num_outputs,
@@ -265,7 +269,7 @@ def _measure_receptive_field(model: SegmentationModel, max_size: int) -> int:
         r_out, c_out = y.shape[-2] // 2, y.shape[-1] // 2
         y[0, :, r_out, c_out].sum().backward()
         rows = torch.nonzero(x.grad[0].abs().sum(dim=(0, 2)) > 0).flatten()
-        centre = r_out + probe.halo
+        centre = r_out + probe.border
         touches = rows.min() == 0 or rows.max() == height - 1
         if not touches:
             return int(max(centre - rows.min(), rows.max() - centre))

@@ -8,7 +8,7 @@ from . import build_model, list_models, model_description
 
 
 def model_rows(in_channels: int = 1, num_classes: int = 2) -> list[dict[str, Any]]:
-    """One row per variant with its default config: parameters, halo, divisor, RF, outputs."""
+    """One row per variant with its default config: parameters, border, divisor, RF, outputs."""
     rows = []
     for name in list_models():
         info = build_model(name, in_channels, num_classes).info
@@ -16,7 +16,7 @@ def model_rows(in_channels: int = 1, num_classes: int = 2) -> list[dict[str, Any
             {
                 "name": name,
                 "parameters": info.parameters,
-                "halo": info.halo,
+                "border": info.border,
                 "size_divisor": info.size_divisor,
                 "receptive_field": info.receptive_field,
                 "outputs": info.deep_supervision_outputs,
@@ -32,7 +32,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = (
         "variant",
         "params",
-        "halo",
+        "border",
         "divisor",
         "RF radius",
         "outputs",
@@ -43,7 +43,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         (
             r["name"],
             f"{r['parameters'] / 1e6:.2f}M",
-            str(r["halo"]),
+            str(r["border"]),
             str(r["size_divisor"]),
             str(r["receptive_field"]),
             str(r["outputs"]),

@@ -2,7 +2,7 @@
 
 ``padding="valid"`` is the paper's network: unpadded 3×3 convolutions, 2×2 max-pool,
 2×2 transposed-convolution up-sampling, centre-cropped skips, so a 572×572 input gives
-a 388×388 output (``halo`` = 92 px per side at depth 4). ``padding="same"`` is the
+a 388×388 output (``border`` = 92 px lost per side at depth 4). ``padding="same"`` is the
 common padded form whose output has the input's size.
 """
 
@@ -109,7 +109,7 @@ class UNet(SegmentationModel):
         )
 
     @property
-    def halo(self) -> int:
+    def border(self) -> int:
         if self.padding == "same":
             return 0
         n = self.legal_size(1)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from ..normalize import apply_normalization, normalization_stats, sample_plane
+from ..inference.normalize import apply_normalization, normalization_stats, sample_plane
 from ..weightmap import border_weight_map, targets_from_instances, two_class_target
 
 DEFAULT_MARGIN = 16

@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..inference.normalize import get_normalization
 from ..metrics import object_metrics
 from ..models.base import SegmentationModel, round_up
-from ..normalize import get_normalization
 from ..postprocess import default_class_names, segment
-from ..runtime import Precision, choose_precision, openmp_passive, torch_threads
-from ..tiling import is_cancelled
+from ..runtime import Precision, choose_precision, is_cancelled, openmp_passive, torch_threads
 from .augment import Augmenter
 from .data import (
     MIN_VAL_OBJECTS,
@@ -190,7 +189,7 @@ def _validate(
     model: SegmentationModel, datasets: list[TrainingData], device: torch.device
 ) -> dict[str, Any]:
     """Object F1@0.5 and pixel IoU over every scored area (predicted with image context)."""
-    from ..predict import predict
+    from ..inference.predict import predict
 
     names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
     tp = fp = fn = 0
@@ -271,7 +270,7 @@ def train(
     "constant" (also used for a time-only budget).
     Deterministic on the CPU for a given ``seed`` and thread count (with a step budget).
     """
-    from ..predict import select_device
+    from ..runtime import select_device
 
     total_steps = _resolve_budget(epochs, steps, seconds, steps_per_epoch)
     preset = get_loss(default_loss_for(model) if loss is None else loss)
@@ -335,7 +334,7 @@ def train(
         raise ValueError("a training image has no trainable pixel left after validation")
 
     patch = round_up(max(patch_size, model.size_divisor), model.size_divisor)
-    if model.halo > 0:
+    if model.border > 0:
         patch = model.legal_size(patch)
     history = TrainHistory(
         settings={

@@ -116,7 +116,7 @@ class _Probabilities(torch.nn.Module):
         self.model, self.outputs, self.level = model, outputs, level
 
     def forward(self, x: torch.Tensor) -> Any:
-        from .tiling import activation
+        from .tiler import activation
 
         if self.outputs == "all":
             heads = self.model.forward_all(x)
@@ -216,7 +216,7 @@ def openvino_backend(
     """
     import openvino as ov
 
-    from .runtime import choose_threads
+    from ..runtime import choose_threads
 
     threads = threads or choose_threads()
     key = export_key(model, window, outputs, level)

@@ -11,131 +11,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .axes import Layout, resolve_layout
-from .models.base import SegmentationModel, round_up
-from .normalize import get_normalization, normalization_stats, normalize_block, sample_plane
-from .outputs import Target, commit_all, plan_output
-from .tiling import (
-    Cancelled,
-    RunOptions,
-    TilePlan,
-    device_lock,
-    plan_tiles,
-    read_window,
-    reflect_index,
-    run_plane,
-)
+from ..models.base import SegmentationModel
+from ..outputs import Target, commit_all, plan_output
+from ..runtime import amp_dtype, device_lock, select_device
+from .layout import Layout, resolve_layout
+from .normalize import get_normalization
+from .plan import DEFAULT_BATCH, DEFAULT_TILE, tile_plan_for
+from .resolve import resolve_model
+from .source import PlaneSource
+from .tiler import RunOptions, run_plane
 
-__all__ = ["Cancelled", "predict", "resolve_model", "select_device", "tile_plan_for"]
-
-DEFAULT_TILE = {"cpu": 768, "cuda": 1024}
-"""Largest default network window (px). On the CPU, 768 keeps the activations of a
-U-Net (base 32) tile near 0.5 GB, so peak memory stays bounded at any image size."""
-DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
-FAST_HALO_FRACTION = 0.5
-"""Default (non-exact) mode: halo = this fraction of the receptive-field radius."""
-MIN_FAST_HALO = 32
-MAX_FAST_HALO_SHARE = 0.25
-"""Default mode: halo ≤ this share of the window, so each window's core is ≥ half of it.
-Without it, U²-Net (receptive-field radius 3296 px) got 3360² windows with 32² cores —
-10⁴× the work on large images. U²-Net† at 768 / 192 (CPU) and 1024 / 256 (CUDA) gives
-labels F1 0.981 / 0.988 against its whole-image output (1536×2048 tiled development
-image); U-Net, UNet++ and UNet 3+ halos (≤ 64 px) are unchanged."""
-
-
-def select_device(device: str | torch.device = "auto") -> tuple[torch.device, str]:
-    """Resolve ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` and say why."""
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda"), f"CUDA: {torch.cuda.get_device_name(0)}"
-        return torch.device("cpu"), "CPU (CUDA not available)"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
-    return (
-        dev,
-        "CPU (requested)" if dev.type == "cpu" else f"CUDA: {torch.cuda.get_device_name(dev)}",
-    )
-
-
-def _amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
-    if amp is None:
-        amp = device.type == "cuda"
-    if not amp:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
-def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationModel:
-    """A model object, a checkpoint / package path, a bundled trained variant's name
-    (``"unetpp"``: :func:`napari_unet.load_pretrained`), another variant name (untrained, with
-    a warning) or None (the bundled default U-Net)."""
-    if isinstance(model, SegmentationModel):
-        return model
-    from . import checkpoint
-
-    if model is None:
-        return checkpoint.load_default_model()
-    path = Path(model)
-    if path.suffix or path.exists():
-        return checkpoint.load_model(path)
-    from .models.pretrained import is_pretrained, load_pretrained
-
-    if is_pretrained(str(model)):
-        return load_pretrained(str(model))
-    from .models import build_model
-
-    warnings.warn(f"{model!r} is a variant name: its weights are untrained", stacklevel=2)
-    return build_model(str(model))
-
-
-def tile_plan_for(
-    model: SegmentationModel,
-    shape: tuple[int, int],
-    *,
-    tile_size: int | None = None,
-    exact: bool = False,
-    device: torch.device | None = None,
-    halo: int | None = None,
-) -> TilePlan:
-    """The tiling ``predict`` uses for a (Y, X) plane of ``shape``.
-
-    * tile-exact models: cropped windows with a halo of the measured receptive-field
-      radius (``exact=True``) or of ``max(32, radius/2)``, at most a quarter of the window
-      (default, faster; differences from the whole-image output are far below what is
-      visible, see bench/tiling.py; U²-Net's 3296 px radius is the one the cap shortens);
-    * other models: Gaussian-blended windows overlapping by 25 %.
-    """
-    dev = device or torch.device("cpu")
-    tile = tile_size or DEFAULT_TILE[dev.type]
-    if tile < 2:
-        raise ValueError(f"tile_size must be ≥ 2, got {tile}")
-    g = model.size_divisor
-    if model.halo > 0:  # valid U-Net: overlap-tile is always exact
-        return plan_tiles(model, shape, tile, 0)
-    if model.info.tile_exact:
-        rf = model.receptive_field
-        if halo is None:
-            fast = max(MIN_FAST_HALO, int(rf * FAST_HALO_FRACTION))
-            halo = (
-                rf if exact else min(rf, fast, max(MIN_FAST_HALO, int(tile * MAX_FAST_HALO_SHARE)))
-            )
-        elif exact and halo < rf:
-            raise ValueError(f"exact tiling needs halo ≥ the receptive field radius {rf}")
-        return plan_tiles(model, shape, max(round_up(tile, g), 2 * round_up(halo, g) + g), halo)
-    if exact:
-        raise ValueError(
-            f"{model.name} cannot be tiled exactly (normalisation, attention or global pooling "
-            "spans the whole input); use exact=False for Gaussian-blended tiles"
-        )
-    # windows ≥ 2 divisors so that neighbours can overlap
-    tile = max(round_up(tile, g), 2 * g)
-    return plan_tiles(model, shape, tile, halo if halo is not None else tile // 8, blended=True)
+__all__ = ["predict"]
 
 
 class _PlaneSink:
@@ -221,14 +107,14 @@ def predict(
     :func:`napari_unet.distributed.predict_distributed` for the options.
     """
     if isinstance(image, (str, os.PathLike)):  # a TIFF, zarr or OME-Zarr path: axes from it
-        from .io import open_image
+        from ..io import open_image
 
         opened = open_image(image)
         image, axes = opened.data, axes or opened.axes
     if scheduler is not None:
         if outputs != "final":
             raise ValueError("distributed prediction returns the final output only")
-        from .distributed import predict_distributed
+        from ..distributed import predict_distributed
 
         return predict_distributed(
             model, image, scheduler=scheduler, out=out, axes=axes, channel=channel,
@@ -329,6 +215,7 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
     """The OpenVINO backend for this plan's window, or None (torch): see
     :func:`napari_unet.backends.resolve_runtime`; a model that cannot be converted stays on
     torch with a one-line warning."""
+    from ..runtime import cpu_has_bf16
     from .backends import (
         AUTO_MIN_WINDOWS,
         AUTO_SKIP,
@@ -338,7 +225,6 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
         openvino_backend,
         resolve_runtime,
     )
-    from .runtime import cpu_has_bf16
 
     name, _ = resolve_runtime(dev, runtime)
     if name != "openvino":
@@ -383,7 +269,7 @@ def _predict_into(
     opts = RunOptions(
         device=dev,
         batch_size=batch,
-        amp_dtype=_amp_dtype(dev, amp),
+        amp_dtype=amp_dtype(dev, amp),
         channels_last=dev.type == "cuda",
         outputs=outputs,
         level=level,
@@ -391,7 +277,6 @@ def _predict_into(
     norm = get_normalization(model)
     total = plan.n_tiles * layout.n_planes
     done = 0
-    h, w = layout.spatial
 
     def on_batch(n: int) -> None:
         nonlocal done
@@ -408,15 +293,7 @@ def _predict_into(
         try:
             opts.backend = _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts)
             for p in range(layout.n_planes):
-                plane = layout.plane(p)
-                stats = normalization_stats(layout.convert(sample_plane(plane)), norm)
-
-                def read(
-                    rows: np.ndarray, cols: np.ndarray, plane=plane, stats=stats
-                ) -> np.ndarray:
-                    block = read_window(plane, reflect_index(rows, h), reflect_index(cols, w))
-                    return normalize_block(layout.convert(block), stats)
-
+                read = PlaneSource.open(layout, p, norm).read
                 index = np.unravel_index(p, layout.leading) if layout.leading else ()
                 sinks = [_PlaneSink(a, tuple(int(i) for i in index)) for a in arrays]
                 run_plane(model, read, plan, sinks, opts, on_batch=on_batch, cancel=cancel)

@@ -1,29 +1,14 @@
-"""The one tiler: plan windows, read them lazily, run batches on a device, stitch.
+"""The one tiler: run a plan's windows in batches on a device (or a compiled runtime) and
+stitch their outputs — cropped cores, or Gaussian-blended windows (see :mod:`.plan`).
 
-Geometry (per axis, in pixels):
-
-* **Padded nets** compute on a virtual image reflect-padded at the bottom/right to a
-  multiple of ``size_divisor`` ``g`` — exactly what the whole-image ``model(x)`` does.
-  Windows of size ``S`` (multiple of ``g``) start at multiples of ``g``, so every window
-  sees the same pooling grid as the whole image. Each window trusts its output except a
-  ``halo`` next to its interior edges; the trusted parts are cut into disjoint *cores*
-  that tile the output (cropping, no blending). With ``halo ≥`` the measured receptive
-  field radius the result equals the whole-image output.
-* **The valid U-Net** (the paper's overlap-tile) mirrors the image by ``model.halo`` on
-  every side; a window of legal size ``S`` gives ``output_size(S)`` pixels, all of them
-  exact. Windows step by a multiple of ``g = 2**depth`` (a 572 window gives a 388 output
-  tile and steps by 384) so their pooling grid matches the whole-image run.
-* **Blended mode** (models that cannot be tiled exactly: GroupNorm, attention, global
-  pooling) overlaps windows by ``2·halo`` and averages them with Gaussian weights
-  (σ = window/8, as nnU-Net and MONAI).
+A pipeline: loader threads read and normalise the next batches while the device runs
+this one, and writer threads stitch the finished ones.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,190 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models.base import SegmentationModel, round_up
-
-
-class Cancelled(Exception):
-    """Raised when a cancel token fires; no partial result is returned."""
-
-
-def is_cancelled(cancel: Any) -> bool:
-    """A cancel token is a ``threading.Event``-like object or a zero-argument callable."""
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
-
-
-# --------------------------------------------------------------------------- planning
-@dataclass(frozen=True)
-class AxisPlan:
-    """Windows along one axis.
-
-    ``starts``: window starts in padded-input coordinates; ``window``: input size;
-    ``out_window``: output size of one window; ``cores``: per window ``(a, b, o)`` —
-    output pixels ``[a, b)`` come from window output offset ``o``; ``pad_before``: mirror
-    padding before pixel 0 (valid nets); ``padded``: length of the padded input.
-    """
-
-    starts: tuple[int, ...]
-    window: int
-    out_window: int
-    cores: tuple[tuple[int, int, int], ...]
-    pad_before: int
-    padded: int
-    length: int
-
-
-def _starts(total: int, window: int, step: int, grid: int) -> list[int]:
-    if step < 1:  # a zero step would append window starts forever
-        raise ValueError(f"tile plan with a step of {step} px (window {window} px): a bug")
-    starts = [0]
-    while starts[-1] + window < total:
-        starts.append(starts[-1] + step)
-    last = total - window
-    starts[-1] = min(starts[-1], last)
-    assert last % grid == 0
-    return sorted(set(starts))
-
-
-def plan_axis(
-    model: SegmentationModel, length: int, max_window: int, halo: int, blended: bool = False
-) -> AxisPlan:
-    """Plan one axis of ``length`` output pixels with windows ≤ ``max_window`` input pixels.
-
-    ``blended``: windows overlap by about 25 % (at least ``2·halo``) and are averaged,
-    so ``cores`` only bound each window's output.
-    """
-    g = model.size_divisor
-    if blended:
-        padded = round_up(length, g)
-        window = min(round_up(max_window, g), padded)
-        step = max(1, min(window - 2 * halo, (3 * window) // 4))
-        starts = _starts(padded, window, step, g)
-        cores = tuple((s, min(s + window, length), 0) for s in starts)
-        return AxisPlan(tuple(starts), window, window, cores, 0, padded, length)
-    if model.halo > 0:  # valid convolutions: every output pixel of a window is exact
-        padded = model.valid_input_size(length)
-        # windows step by a positive multiple of g, so a window's output must be ≥ g
-        # pixels; a smaller requested window is raised to the smallest such legal size
-        window = max(_smallest_stepping(model), _legal_at_most(model, min(max_window, padded)))
-        window = min(window, padded)
-        out_window = model.output_size(window)
-        step = max((out_window // g) * g, g)
-        starts = _starts(padded, window, step, g)
-        trusted = [(s, s + out_window) for s in starts]
-        pad_before = model.halo
-    else:
-        padded = round_up(length, g)
-        halo = round_up(halo, g)
-        if max_window >= padded:
-            window = padded
-        else:
-            s_max = max((max_window // g) * g, 2 * halo + g)
-            n = math.ceil((padded - 2 * halo) / (s_max - 2 * halo))
-            window = min(round_up(math.ceil((padded - 2 * halo) / n), g) + 2 * halo, padded)
-        out_window = window
-        starts = _starts(padded, window, max(window - 2 * halo, g), g)
-        trusted = [
-            (s + (halo if s > 0 else 0), s + window - (halo if s + window < padded else 0))
-            for s in starts
-        ]
-        pad_before = 0
-    cores = []
-    end = 0
-    for s, (a, b) in zip(starts, trusted):
-        if a > end:
-            raise AssertionError(f"tile plan leaves a gap at {end}..{a}")  # pragma: no cover
-        a, b = end, min(b, length)
-        cores.append((a, b, a - s))
-        end = b
-        if end >= length:
-            break
-    starts = starts[: len(cores)]
-    return AxisPlan(tuple(starts), window, out_window, tuple(cores), pad_before, padded, length)
-
-
-def _smallest_stepping(model: SegmentationModel) -> int:
-    """Smallest legal window of a valid net whose output covers ``size_divisor`` pixels."""
-    m = model.legal_size(1)
-    while model.output_size(m) < model.size_divisor:
-        m = model.legal_size(m + 1)
-    return m
-
-
-def _legal_at_most(model: SegmentationModel, n: int) -> int:
-    m = model.legal_size(1)
-    while model.legal_size(m + 1) <= n:
-        m = model.legal_size(m + 1)
-    return m
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    rows: AxisPlan
-    cols: AxisPlan
-    blended: bool
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.rows.starts) * len(self.cols.starts)
-
-    @property
-    def window_shape(self) -> tuple[int, int]:
-        return self.rows.window, self.cols.window
-
-    def tiles(self) -> Iterator[tuple[int, int]]:
-        for i in range(len(self.rows.starts)):
-            for j in range(len(self.cols.starts)):
-                yield i, j
-
-    def computed_fraction(self) -> float:
-        """Pixels pushed through the network per output pixel."""
-        return (
-            self.n_tiles
-            * self.rows.window
-            * self.cols.window
-            / (self.rows.length * self.cols.length)
-        )
-
-
-def plan_tiles(
-    model: SegmentationModel,
-    shape: tuple[int, int],
-    tile_size: int | tuple[int, int],
-    halo: int,
-    blended: bool = False,
-) -> TilePlan:
-    ts = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
-    return TilePlan(
-        plan_axis(model, shape[0], ts[0], halo, blended),
-        plan_axis(model, shape[1], ts[1], halo, blended),
-        blended,
-    )
-
-
-# ----------------------------------------------------------------------- reading
-def reflect_index(idx: np.ndarray, n: int) -> np.ndarray:
-    """Mirror indices (no edge repeat) into [0, n), as repeated ``np.pad(mode="reflect")``."""
-    if n == 1:
-        return np.zeros_like(idx)
-    period = 2 * n - 2
-    m = np.mod(idx, period)
-    return np.where(m < n, m, period - m)
-
-
-def read_window(plane: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Read the (C, len(rows), len(cols)) block of a lazy (C, Y, X) plane at mirrored indices."""
-    r0, r1 = int(rows.min()), int(rows.max()) + 1
-    c0, c1 = int(cols.min()), int(cols.max()) + 1
-    block = np.asarray(plane[:, r0:r1, c0:c1])
-    if r1 - r0 != len(rows) or not np.array_equal(rows, np.arange(r0, r1)):
-        block = block[:, rows - r0]
-    if c1 - c0 != len(cols) or not np.array_equal(cols, np.arange(c0, c1)):
-        block = block[:, :, cols - c0]
-    return block
+from ..models.base import SegmentationModel
+from ..runtime import Cancelled, is_cancelled
+from .plan import TilePlan
 
 
 def gaussian_weights(shape: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -382,14 +186,6 @@ def _accumulate(outs, n, rows, cols, i, j, acc, wsum, weights) -> None:
     for a, out in zip(acc, outs):
         a[:, r0:r1, c0:c1] += out[n, :, : r1 - r0, : c1 - c0] * w
     wsum[r0:r1, c0:c1] += w
-
-
-def device_lock() -> threading.Lock:
-    """Serialises GPU use between concurrent predictions in one process."""
-    return _LOCK
-
-
-_LOCK = threading.Lock()
 
 
 def seam_score(probabilities: np.ndarray, plan: TilePlan) -> float:
