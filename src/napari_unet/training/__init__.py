@@ -1,4 +1,5 @@
-"""Training engine: data, losses, augmentation and the trainer loop (no napari, no Qt)."""
+"""Training engine: data, losses (MS-SSIM in :mod:`.ms_ssim`), augmentation and the trainer
+loop (no napari, no Qt)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from .data import (
     parse_roi,
 )
 from .losses import (
-    MS_SSIM_WEIGHTS,
     LossPreset,
     ce_dice_loss,
     ce_loss,
@@ -25,12 +25,11 @@ from .losses import (
     get_loss,
     iou_loss,
     list_losses,
-    ms_ssim,
     ms_ssim_loss,
-    ms_ssim_scales,
     u2net_sides_loss,
     unet3p_hybrid_loss,
 )
+from .ms_ssim import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales
 from .trainer import TrainHistory, train
 
 __all__ = [
