@@ -240,10 +240,9 @@ def _check_targets(args: argparse.Namespace, image_ngff: bool | None) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .inference.layout import resolve_layout
-    from .inference.predict import predict
     from .io import open_image
     from .outputs import commit_all, plan_outputs, write_data, writing
-    from .postprocess import default_class_names, segment
+    from .pipeline import segment_image
     from .runtime import select_device
 
     if args.dask:
@@ -280,29 +279,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         else:
             stream = probs_to is not None and probs_to.kind == "zarr"
             try:
-                probs = predict(
-                    model,
-                    image.data,
-                    axes=axes,
-                    tile_size=args.tile,
-                    batch_size=args.batch,
-                    device=device,
-                    exact=args.exact,
-                    level=args.level,
-                    channel=args.channel,
-                    progress=bar,
-                    cancel=_STOP,
+                result = segment_image(
+                    model, image.data, axes=axes, channel=args.channel, device=device,
+                    tile_size=args.tile, batch_size=args.batch, exact=args.exact,
+                    level=args.level, runtime=args.runtime, mode=args.mode,
+                    min_size=args.min_size, progress=bar, cancel=_STOP,
                     out=probs_to.begin() if stream else None,
-                    runtime=args.runtime,
-                )
+                )  # fmt: skip
             finally:
                 bar.close()
+            probs, labels = result.probabilities, result.labels
             if probs_to is not None and not stream:
                 write_data(probs_to, probs)
-            names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
-            labels = segment(
-                np.asarray(probs), mode=args.mode, class_names=names, min_size=args.min_size
-            )
         if probs_to is not None and probs is None:
             raise ValueError("--probabilities is not written with --3d/--stitch")
         if labels_to is not None:
