@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,27 +85,43 @@ def predict(
     scheduler: Any = None,
     runtime: str | None = None,
 ) -> Any:
-    """Class probabilities of ``image``, float32 ``(C, *leading, Y, X)``.
+    """Class probabilities of ``image``, predicted window by window.
 
-    ``image``: numpy, dask or zarr array, or a TIFF / zarr / OME-Zarr path (axes read from
-    the file; an OME-Zarr image's full resolution), 2-D grey, (C,Y,X), RGB(A) (Y,X,3/4), Z-stacks
-    and time series (predicted plane by plane); ``axes`` (letters of TZCYX) when the
-    layout is ambiguous. ``C`` is the model's number of classes (one class: the
-    foreground probability). ``outputs="all"`` returns ``(final, [every head])``.
-    ``tile_size`` is the network's input window in pixels. ``out``: a new zarr path (or
-    an array) to write into instead of memory. ``progress(done, total)`` is called after
-    each batch of tiles; ``cancel`` (an Event or callable) stops within one batch by
-    raising :class:`Cancelled`; a zarr store created here is then removed.
+    Args:
+        model: a network, a checkpoint / bioimage.io package path, a bundled variant's
+            name (``"unetpp"``) or None (the bundled default U-Net); see
+            :func:`~.resolve.resolve_model`.
+        image: numpy, dask or zarr array, or a TIFF / zarr / OME-Zarr path (axes read from
+            the file; an OME-Zarr image's full resolution): 2-D grey (Y, X), (C, Y, X),
+            RGB(A) (Y, X, 3|4), Z-stacks and time series (predicted plane by plane).
+        axes: letters of TZCYX when the layout is ambiguous; ``channel`` picks one channel.
+        tile_size: the network's input window in pixels (default 768 on the CPU, 1024 on
+            CUDA); ``batch_size`` windows per forward pass (1 / 4).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``amp``: bf16/fp16
+            autocast (default: on CUDA only).
+        exact: windows with a halo of the whole receptive-field radius, so the result
+            equals the whole-image output (fp32: ≤ 1e-4); default: a shorter halo (see
+            :mod:`.plan`), differences far below what is visible. ``halo`` overrides it
+            (pixels).
+        outputs: ``"final"`` or ``"all"`` (also every deep-supervision head); ``level``
+            prunes UNet++ to that depth.
+        progress: ``progress(done, total)`` after each batch of windows; ``cancel`` (an
+            Event or a callable) stops within one batch by raising
+            :class:`~napari_unet.runtime.Cancelled` (a zarr store created here is removed).
+        out: a new zarr path (or an array) to write into instead of memory.
+        scheduler: a ``distributed.Client``, ``"tcp://…"`` or ``"local:N"``: predict on a
+            dask cluster instead, chunk by chunk, into the zarr group ``out`` (required);
+            always exact, resumable (:func:`napari_unet.distributed.predict_distributed`).
+        runtime: ``"auto"`` (``$NAPARI_UNET_RUNTIME``, else OpenVINO on the CPU when
+            installed), ``"torch"`` or ``"openvino"`` (:mod:`.backends`): exact mode
+            compiles at fp32 (equal to torch to ~1e-5); the default mode at bf16 on CPUs
+            with bf16 matrix units unless ``amp=False``.
 
-    ``runtime``: ``"auto"`` (``$NAPARI_UNET_RUNTIME``, else OpenVINO on the CPU when
-    installed), ``"torch"`` or ``"openvino"`` (see :mod:`napari_unet.backends`): exact mode
-    compiles at fp32 (equal to torch to ~1e-5); the default mode at bf16 on CPUs with bf16
-    matrix units unless ``amp=False``.
-
-    ``scheduler`` (a ``distributed.Client``, ``"tcp://…"`` or ``"local:N"``): predict on a
-    dask cluster instead, chunk by chunk, into the zarr group ``out`` (required), and
-    return its arrays ``(probabilities, labels)``; always exact tiling, resumable, see
-    :func:`napari_unet.distributed.predict_distributed` for the options.
+    Returns:
+        float32 ``(C, *leading, Y, X)`` probabilities in [0, 1] (``C`` = the model's
+        classes; one class: the foreground probability), a numpy array or the zarr array
+        at ``out``; with ``outputs="all"`` ``(final, [one per head])``; with
+        ``scheduler`` the zarr arrays ``(probabilities, labels)``.
     """
     if isinstance(image, (str, os.PathLike)):  # a TIFF, zarr or OME-Zarr path: axes from it
         from ..io import open_image
@@ -128,58 +145,12 @@ def predict(
         raise ValueError(f"level= prunes UNet++ only; {model.name} has no levels")
     layout = resolve_layout(image, model.in_channels, axes, channel)
     dev, _ = select_device(device)
-    h, w = layout.spatial
-    n_heads = model.num_outputs if outputs == "all" else 0
-    out_shape = (model.num_classes, *layout.leading, h, w)
-    chunks = (model.num_classes,) + (1,) * len(layout.leading) + (min(h, 1024), min(w, 1024))
-    arrays = []
+    run = _Run(tile_size or DEFAULT_TILE[dev.type], batch_size or DEFAULT_BATCH[dev.type],
+               amp, exact, outputs, level, progress, cancel, halo, runtime)  # fmt: skip
     created: list[Target] = []
     try:
-        for k in range(1 + n_heads):
-            dest = (
-                out
-                if k == 0
-                else (None if out is None or not isinstance(out, (str, Path)) else f"{out}.head{k}")
-            )
-            arrays.append(
-                _allocate(dest, out_shape, chunks, image, created, None if k == 0 else "zarr")
-            )
-        tile = tile_size or DEFAULT_TILE[dev.type]
-        batch = batch_size or DEFAULT_BATCH[dev.type]
-        while True:
-            try:
-                _predict_into(
-                    model,
-                    layout,
-                    arrays,
-                    dev,
-                    tile,
-                    batch,
-                    amp,
-                    exact,
-                    outputs,
-                    level,
-                    progress,
-                    cancel,
-                    halo,
-                    runtime,
-                )
-                break
-            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                why = _cuda_step_down_reason(exc, dev)
-                if why is None:
-                    raise
-                torch.cuda.empty_cache()
-                if batch > 1:
-                    batch //= 2
-                    msg = f"{why}: retrying with batch size {batch}"
-                elif tile > 2 * model.size_divisor and tile > 256:
-                    tile //= 2
-                    msg = f"{why}: retrying with tile size {tile}"
-                else:
-                    dev = torch.device("cpu")
-                    msg = f"{why} at the smallest tile: falling back to the CPU"
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        arrays = _allocate_all(model, layout, out, image, outputs, created)
+        _run_stepping_down(model, layout, arrays, dev, run)
         if created:
             import zarr
 
@@ -192,6 +163,59 @@ def predict(
     if outputs == "all":
         return arrays[0], arrays[1:]
     return arrays[0]
+
+
+@dataclass
+class _Run:
+    """Settings of one prediction (see :func:`predict`); tile and batch may step down."""
+
+    tile: int
+    batch: int
+    amp: bool | None
+    exact: bool
+    outputs: str
+    level: int | None
+    progress: Callable[[int, int], None] | None
+    cancel: Any
+    halo: int | None
+    runtime: str | None
+
+
+def _allocate_all(model, layout: Layout, out, image, outputs: str, created) -> list[Any]:
+    """The final output's array, then one per head with ``outputs="all"``."""
+    h, w = layout.spatial
+    shape = (model.num_classes, *layout.leading, h, w)
+    chunks = (model.num_classes,) + (1,) * len(layout.leading) + (min(h, 1024), min(w, 1024))
+    n_heads = model.num_outputs if outputs == "all" else 0
+    arrays = [_allocate(out, shape, chunks, image, created)]
+    for k in range(1, 1 + n_heads):
+        dest = f"{out}.head{k}" if isinstance(out, (str, Path)) else None
+        arrays.append(_allocate(dest, shape, chunks, image, created, "zarr"))
+    return arrays
+
+
+def _run_stepping_down(model, layout: Layout, arrays, dev: torch.device, run: _Run) -> None:
+    """Predict into ``arrays``; on CUDA out-of-memory (or a 32-bit kernel limit) retry with
+    half the batch, then half the tile, then on the CPU, each with a warning."""
+    while True:
+        try:
+            _predict_into(model, layout, arrays, dev, run)
+            return
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            why = _cuda_step_down_reason(exc, dev)
+            if why is None:
+                raise
+            torch.cuda.empty_cache()
+            if run.batch > 1:
+                run.batch //= 2
+                msg = f"{why}: retrying with batch size {run.batch}"
+            elif run.tile > 2 * model.size_divisor and run.tile > 256:
+                run.tile //= 2
+                msg = f"{why}: retrying with tile size {run.tile}"
+            else:
+                dev = torch.device("cpu")
+                msg = f"{why} at the smallest tile: falling back to the CPU"
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def _cuda_step_down_reason(exc: BaseException, dev: torch.device) -> str | None:
@@ -250,29 +274,19 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
 
 
 def _predict_into(
-    model: SegmentationModel,
-    layout: Layout,
-    arrays: list[Any],
-    dev: torch.device,
-    tile: int,
-    batch: int,
-    amp: bool | None,
-    exact: bool,
-    outputs: str,
-    level: int | None,
-    progress: Callable[[int, int], None] | None,
-    cancel: Any,
-    halo: int | None,
-    runtime: str | None = None,
+    model: SegmentationModel, layout: Layout, arrays: list[Any], dev: torch.device, run: _Run
 ) -> None:
-    plan = tile_plan_for(model, layout.spatial, tile_size=tile, exact=exact, device=dev, halo=halo)
+    """Source → planner → tiler → runtime, plane by plane, into ``arrays``."""
+    plan = tile_plan_for(
+        model, layout.spatial, tile_size=run.tile, exact=run.exact, device=dev, halo=run.halo
+    )
     opts = RunOptions(
         device=dev,
-        batch_size=batch,
-        amp_dtype=amp_dtype(dev, amp),
+        batch_size=run.batch,
+        amp_dtype=amp_dtype(dev, run.amp),
         channels_last=dev.type == "cuda",
-        outputs=outputs,
-        level=level,
+        outputs=run.outputs,
+        level=run.level,
     )
     norm = get_normalization(model)
     total = plan.n_tiles * layout.n_planes
@@ -281,8 +295,8 @@ def _predict_into(
     def on_batch(n: int) -> None:
         nonlocal done
         done += n
-        if progress is not None:
-            progress(done, total)
+        if run.progress is not None:
+            run.progress(done, total)
 
     was_training = model.training
     old_device = next(model.parameters()).device
@@ -291,12 +305,14 @@ def _predict_into(
         if opts.channels_last:
             model.to(memory_format=torch.channels_last)
         try:
-            opts.backend = _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts)
+            opts.backend = _compiled_backend(
+                model, layout, plan, dev, run.runtime, run.exact, run.amp, opts
+            )
             for p in range(layout.n_planes):
                 read = PlaneSource.open(layout, p, norm).read
                 index = np.unravel_index(p, layout.leading) if layout.leading else ()
                 sinks = [_PlaneSink(a, tuple(int(i) for i in index)) for a in arrays]
-                run_plane(model, read, plan, sinks, opts, on_batch=on_batch, cancel=cancel)
+                run_plane(model, read, plan, sinks, opts, on_batch=on_batch, cancel=run.cancel)
         finally:
             model.to(old_device).train(was_training)
             if opts.channels_last:
