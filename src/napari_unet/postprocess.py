@@ -42,6 +42,20 @@ def segment(
       foreground. Objects smaller than ``min_size`` pixels are removed.
       (``seed_h`` = 1 was chosen on synthetic validation images: F1@0.5 0.942 vs 0.933
       with one seed per connected core.)
+
+    Args:
+        probabilities: (C, *leading, Y, X) class probabilities in [0, 1] (the output of
+            :func:`napari_unet.predict`).
+        mode: ``"instance"`` or ``"semantic"``.
+        class_names: one name per class (default: background / interior / boundary for 3
+            classes); decides which channel is the core.
+        threshold: probability above which a pixel is core / foreground.
+        min_size: smallest object kept, in pixels.
+        seed_h: h-maxima height of the seeds, in pixels of (smoothed) distance.
+
+    Returns:
+        uint32 (*leading, Y, X) labels: 0 background, objects 1..N (instance) or class
+        indices (semantic).
     """
     probs = np.asarray(probabilities)
     if probs.ndim < 3:

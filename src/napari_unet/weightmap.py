@@ -162,7 +162,18 @@ def border_weight_map(
     differs from :func:`border_weight_map_bruteforce` by at most 1e-6·w0 (plus float32
     rounding). Cost ~ number of cells × (cell size + 2D)².
 
-    Raises ``ValueError`` for non-2-D or non-integer/negative labels and bad parameters.
+    Args:
+        labels: (H, W) instance labels, integers ≥ 0 (0 = background).
+        w0: border weight (dimensionless; the paper's 10).
+        sigma: border width σ in pixels (the paper's 5).
+        class_weights: ``"balanced"``, None (w_c = 1) or {class: weight}; see
+            :func:`class_weight_values`.
+
+    Returns:
+        float32 (H, W) per-pixel loss weights.
+
+    Raises:
+        ValueError: non-2-D or non-integer/negative labels and bad parameters.
     """
     lab = _as_labels(labels)
     _check_params(w0, sigma)

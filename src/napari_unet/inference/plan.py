@@ -151,6 +151,15 @@ def _legal_at_most(model: SegmentationModel, n: int) -> int:
 
 @dataclass(frozen=True)
 class TilePlan:
+    """Where every window of a (Y, X) plane goes and which of its pixels are kept.
+
+    Args:
+        rows: the windows along Y (:class:`AxisPlan`, pixels).
+        cols: the windows along X.
+        blended: True when windows are averaged with Gaussian weights instead of cropped
+            to disjoint cores (models that cannot be tiled exactly).
+    """
+
     rows: AxisPlan
     cols: AxisPlan
     blended: bool
@@ -185,6 +194,21 @@ def plan_tiles(
     halo: int,
     blended: bool = False,
 ) -> TilePlan:
+    """Plan windows of ``tile_size`` over a plane of ``shape``.
+
+    Args:
+        model: the network (its size divisor, valid-convolution ``border`` and legal sizes
+            decide the grid).
+        shape: (Y, X) of the plane in pixels.
+        tile_size: network input window in pixels, one int or (Y, X); rounded to the
+            model's legal sizes.
+        halo: context in pixels kept around each window's core and discarded (0 for the
+            valid U-Net, whose windows are exact by construction).
+        blended: Gaussian-blended windows overlapping by ``2·halo`` instead of cores.
+
+    Returns:
+        The :class:`TilePlan`; ``plan.n_tiles`` windows of ``plan.window_shape`` pixels.
+    """
     ts = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
     return TilePlan(
         plan_axis(model, shape[0], ts[0], halo, blended),
@@ -217,9 +241,18 @@ def tile_plan_for(
     tile = tile_size or DEFAULT_TILE[dev.type]
     if tile < 2:
         raise ValueError(f"tile_size must be ≥ 2, got {tile}")
+    window, halo, blended = window_rules(model, tile, exact=exact, halo=halo)
+    return plan_tiles(model, shape, window, halo, blended=blended)
+
+
+def window_rules(
+    model: SegmentationModel, tile: int, *, exact: bool = False, halo: int | None = None
+) -> tuple[int, int, bool]:
+    """(largest window, halo, blended): the rules of :func:`tile_plan_for` for a requested
+    window of ``tile`` pixels (also used by the dask run to size each chunk's context)."""
     g = model.size_divisor
     if model.border > 0:  # valid U-Net: overlap-tile is always exact
-        return plan_tiles(model, shape, tile, 0)
+        return tile, 0, False
     if model.info.tile_exact:
         rf = model.receptive_field
         if halo is None:
@@ -229,7 +262,7 @@ def tile_plan_for(
             )
         elif exact and halo < rf:
             raise ValueError(f"exact tiling needs halo ≥ the receptive field radius {rf}")
-        return plan_tiles(model, shape, max(round_up(tile, g), 2 * round_up(halo, g) + g), halo)
+        return max(round_up(tile, g), 2 * round_up(halo, g) + g), halo, False
     if exact:
         raise ValueError(
             f"{model.name} cannot be tiled exactly (normalisation, attention or global pooling "
@@ -237,4 +270,4 @@ def tile_plan_for(
         )
     # windows ≥ 2 divisors so that neighbours can overlap
     tile = max(round_up(tile, g), 2 * g)
-    return plan_tiles(model, shape, tile, halo if halo is not None else tile // 8, blended=True)
+    return tile, (halo if halo is not None else tile // 8), True
