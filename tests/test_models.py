@@ -276,3 +276,34 @@ def test_unet3p_output_unchanged_by_the_branch_rewrite():
     assert sum(1 for _ in originals) == 10
     for a, b in zip(fast, slow):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_metadata_is_declared_on_the_base_class():
+    """class_names / normalization / training_summary / levels exist on every model."""
+    from napari_unet.postprocess import default_class_names
+
+    for name in list_models():
+        model = build_model(name, 1, 3, **SMALL[name])
+        assert model.class_names == default_class_names(3) == ["background", "interior", "boundary"]
+        assert model.normalization is None and model.training_summary is None
+        assert model.supports_levels == (name == "unetpp")
+        assert model.levels == (SMALL[name]["depth"] if name == "unetpp" else 0)
+    model = build_model("unet", 1, 2, **SMALL["unet"])
+    model.class_names = ("bg", 7)
+    assert model.class_names == ["bg", "7"]
+    model.class_names.append("x")  # a copy: the model's names do not change
+    assert model.class_names == ["bg", "7"]
+    model.class_names = None
+    assert model.class_names == ["background", "foreground"]
+
+
+def test_receptive_field_probe_without_the_registry():
+    """The thin probe copy is rebuilt by the model's own factory; a network built directly
+    (no factory) is probed as itself, with the same result."""
+    from napari_unet.models.base import measure_receptive_field
+    from napari_unet.models.unetpp import UNetPlusPlus
+
+    built = build_model("unetpp", 1, 2, base_channels=2, depth=3)
+    direct = UNetPlusPlus(1, 2, base_channels=2, depth=3)
+    assert direct._factory is None and built._factory is UNetPlusPlus
+    assert measure_receptive_field(built) == measure_receptive_field(direct) > 0

@@ -1,8 +1,13 @@
-"""Base class shared by every network: input checks, padding, ``info``, RF probe."""
+"""Base class shared by every network: input checks, padding, metadata, ``info``, RF probe.
+
+This module imports no other part of :mod:`napari_unet.models` (the registry and the
+variants import it).
+"""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,11 +76,31 @@ class SegmentationModel(nn.Module):
     shallow to deep, the final output last. ``forward`` pads the input on the
     bottom/right by reflection to the divisor and crops the result back, so any size
     ≥ ``min_input_size`` works and the output has the input's size.
+
+    Metadata every model carries (saved in checkpoints, read by the CLI, the widgets and
+    the exporters; the defaults apply until a checkpoint or training sets them):
+
+    * ``class_names`` — one name per output channel; unset: the conventional names of
+      :func:`napari_unet.postprocess.default_class_names`;
+    * ``normalization`` — the intensity normalisation it was trained with (a JSON-able
+      dict, see :mod:`napari_unet.inference.normalize`); ``None``: the default;
+    * ``training_summary`` — the compact record of its last training run, or ``None``;
+    * ``levels`` / ``supports_levels`` — UNet++-style pruning: ``forward(x, level=L)``
+      for ``L`` in ``1..levels``; 0 / False for networks that cannot be pruned.
     """
 
     size_divisor: int = 1
     min_input_size: int = 2
     name: str = "model"
+    normalization: dict[str, Any] | None = None
+    """Intensity normalisation (JSON-able); ``None`` means the default of
+    :func:`napari_unet.inference.normalize.get_normalization`."""
+    training_summary: dict[str, Any] | None = None
+    """Compact record of the last training run (``TrainHistory.summary()``), or ``None``."""
+    _class_names: list[str] | None = None
+    _factory: Callable[..., SegmentationModel] | None = None
+    """What built this network (set by :func:`~.registry.build_model`): with ``config`` it
+    rebuilds it; ``None`` for a network constructed directly."""
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()
@@ -124,6 +149,33 @@ class SegmentationModel(nn.Module):
         ``None`` probes a copy of the model itself.
         """
         return None
+
+    # ------------------------------------------------------------------- metadata
+    @property
+    def class_names(self) -> list[str]:
+        """One name per output channel (a new list): the names set by a checkpoint or by
+        training, else :func:`napari_unet.postprocess.default_class_names` (the one
+        definition of the conventional names) of ``num_classes``."""
+        if self._class_names:
+            return list(self._class_names)
+        from ..postprocess import default_class_names  # numpy/scipy only; loaded on use
+
+        return default_class_names(self.num_classes)
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str] | None) -> None:
+        self._class_names = [str(n) for n in names] if names else None
+
+    @property
+    def levels(self) -> int:
+        """Deepest level ``forward(x, level=L)`` accepts (UNet++: ``depth``, levels
+        ``1..levels``); 0 for networks that cannot be pruned."""
+        return 0
+
+    @property
+    def supports_levels(self) -> bool:
+        """True when ``forward(x, level=L)`` prunes the network (UNet++)."""
+        return self.levels > 0
 
     # ------------------------------------------------------------------ public API
     def check_input(self, x: torch.Tensor) -> None:
@@ -205,12 +257,11 @@ def _probe_copy(model: SegmentationModel) -> SegmentationModel:
     pixel is non-zero exactly on the pixels that pixel can depend on.
     """
     overrides = model._probe_config()
-    if overrides is None:
+    if overrides is None or model._factory is None:  # a copy of the model itself
         probe = copy.deepcopy(model)
-    else:
-        from . import build_model
-
-        probe = build_model(model.name, 1, 1, **{**model.config, **overrides})
+    else:  # a thin copy with the same wiring, rebuilt by the factory that built the model
+        probe = model._factory(1, 1, **{**model.config, **overrides})
+        probe.name, probe.config = model.name, {**model.config, **overrides}
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import canonical_name
+from .registry import canonical_name
 
 __all__ = [
     "PretrainedCard",

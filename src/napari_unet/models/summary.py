@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import build_model, list_models, model_description
+from .registry import build_model, list_models, model_description
 
 
 def model_rows(in_channels: int = 1, num_classes: int = 2) -> list[dict[str, Any]]:

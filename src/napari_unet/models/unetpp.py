@@ -64,6 +64,12 @@ class UNetPlusPlus(SegmentationModel):
     def num_outputs(self) -> int:
         return len(self.heads)
 
+    @property
+    def levels(self) -> int:
+        """``forward(x, level=L)`` for ``L`` in ``1..depth`` (below ``depth`` only with
+        deep supervision, whose heads read ``X[0][L]``)."""
+        return self.depth
+
     def _head(self, level: int) -> nn.Module:
         return self.heads[level - 1] if self.deep_supervision else self.heads[0]
 
