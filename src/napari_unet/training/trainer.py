@@ -34,8 +34,15 @@ import torch
 from ..inference.normalize import get_normalization
 from ..metrics import object_metrics
 from ..models.base import SegmentationModel, round_up
-from ..postprocess import default_class_names, segment
-from ..runtime import Precision, choose_precision, is_cancelled, openmp_passive, torch_threads
+from ..postprocess import segment
+from ..runtime import (
+    Precision,
+    choose_precision,
+    is_cancelled,
+    openmp_passive,
+    select_device,
+    torch_threads,
+)
 from .augment import Augmenter
 from .data import (
     MIN_VAL_OBJECTS,
@@ -48,7 +55,7 @@ from .data import (
     region_objects,
     sample_batch,
 )
-from .losses import compute_loss, default_loss_for, get_loss
+from .losses import LossPreset, compute_loss, default_loss_for, get_loss
 
 DEFAULT_STEPS_PER_EPOCH = 20
 DEFAULT_EPOCHS = 10
@@ -191,7 +198,7 @@ def _validate(
     """Object F1@0.5 and pixel IoU over every scored area (predicted with image context)."""
     from ..inference.predict import predict
 
-    names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
+    names = model.class_names
     tp = fp = fn = 0
     inter = union = 0
     for d in datasets:
@@ -211,6 +218,31 @@ def _validate(
             union += int((g | p).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
     return {"val_f1": f1, "val_iou": inter / union if union else 1.0, "tp": tp, "fp": fp, "fn": fn}
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How a run optimises (see :func:`train`): device, precision, loss, budget, optimizer."""
+
+    dev: torch.device
+    prec: Precision
+    preset: LossPreset
+    total_steps: int | None
+    seconds: float | None
+    steps_per_epoch: int
+    lr: float
+    optimizer: str
+    schedule: str
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """What each step sees: ``batch_size`` patches of ``patch``² pixels, seeded, augmented."""
+
+    batch_size: int
+    patch: int
+    seed: int
+    augment: bool | dict[str, Any]
 
 
 def train(
@@ -239,56 +271,83 @@ def train(
     callback: Callable[[dict[str, Any]], None] | None = None,
     cancel: Any = None,
 ) -> TrainHistory:
-    """Train ``model`` in place and return the history (the model ends on the device it
-    started on, in eval mode).
+    """Fine-tune ``model`` in place; it ends on the device it started on, in eval mode, with
+    the last good weights (module docstring). Deterministic on the CPU for a given ``seed``
+    and thread count with a step budget.
 
-    Data: ``image`` a :class:`TrainingEntry` or a list of them (several images, each with
-    any number of rectangles and optional validation rectangles), or — as before —
-    ``image`` (Y, X)/(C, Y, X) array(s), ``labels`` instance labels (0 = unlabelled) and
-    ``roi`` rectangle(s) (y0, y1, x0, x1); see :func:`~.data.as_entries`. Pixels outside
-    every rectangle are ignored by the loss; with no rectangle the region is the
-    annotations' bounding box + 16 px.
+    Args:
+        model: the network; its ``normalization`` is pinned (the default when unset) and
+            its ``training_summary`` set at the end.
+        image: a :class:`TrainingEntry` or a list of them, or (as before) ``(Y, X)`` /
+            ``(C, Y, X)`` array(s) with ``C = model.in_channels`` (:func:`~.data.as_entries`).
+        labels, roi: with arrays: ``(Y, X)`` integer instance labels (0 = unlabelled) and
+            rectangle(s) ``(y0, y1, x0, x1)`` in pixels (default: the annotations' bounding
+            box + 16 px); the loss ignores pixels outside every rectangle.
+        loss: a :func:`~.losses.get_loss` preset; None: :func:`~.losses.default_loss_for`.
+        epochs, steps, seconds: the budget: ``steps``, or ``epochs`` × ``steps_per_epoch``
+            (default 10 × 20; 0 trains nothing); ``seconds`` (wall time) adds a limit.
+        lr, batch_size, patch_size: peak learning rate; patches per step; patch side in
+            pixels, rounded up to a size the model takes whole.
+        validation, val_fraction: "auto" (validation regions, else ``val_fraction`` in
+            [0, 1) of the objects when that is ≥ 5, else none), "none", "objects",
+            "regions" or a fraction; no score on fewer than 5 objects.
+        seed: seeds the patch sampling, the augmentation and torch's RNG.
+        device, precision, threads: see :func:`napari_unet.runtime.select_device`;
+            "auto" (bf16 on CUDA and bf16-capable CPUs), "bf16" or "fp32"; CPU threads
+            (None: :func:`napari_unet.runtime.choose_threads`), restored afterwards.
+        optimizer, schedule: "adamw" or "sgd"; "cosine" (``lr`` → 0 along a half cosine
+            over a step budget) or "constant" (also for a time-only budget).
+        augment, steps_per_epoch: True, False or :class:`~.augment.Augmenter` keywords;
+            steps per epoch (validation, "epoch" event, last good weights).
+        callback, cancel: receives the "start", "step" and "epoch" events; an Event or a
+            callable that stops the run within one step, keeping the last good weights.
 
-    Budget: ``steps``, or ``epochs`` of ``steps_per_epoch`` steps (default 10 epochs);
-    ``seconds`` adds a time limit (alone: time only). ``epochs=0``/``steps=0`` train
-    nothing (the model is unchanged).
-
-    Validation: ``"auto"`` (validation regions when given, else ``val_fraction`` of the
-    objects held out when that is at least 5 objects, else none — the start summary says
-    why), ``"none"``, ``"objects"`` (hold out ``val_fraction`` of the objects), a float
-    (that fraction) or ``"regions"`` (``TrainingEntry.val_regions``). No score is
-    reported on fewer than 5 objects.
-
-    ``precision``: "auto" (bf16 autocast on CUDA and on CPUs with bf16 matrix units),
-    "bf16" or "fp32". ``threads``: torch CPU threads for this run (None: the policy of
-    :func:`napari_unet.runtime.choose_threads`); restored afterwards.
-    ``loss``: a preset of :func:`~.losses.get_loss`; None (default): the one the
-    variant's paper prescribes, :func:`~.losses.default_loss_for`. ``optimizer``: "adamw" or "sgd".
-    ``cancel`` (Event or callable) stops within one step, keeping the last good weights.
-    ``schedule``: "cosine" (with a step budget, the learning rate decays from ``lr`` to 0
-    along a half cosine, so that the weights settle at the end of the budget) or
-    "constant" (also used for a time-only budget).
-    Deterministic on the CPU for a given ``seed`` and thread count (with a step budget).
+    Returns:
+        The :class:`TrainHistory`: ``losses`` (one per step), ``epochs`` (per epoch:
+        ``loss``, ``val_f1`` / ``val_iou`` in [0, 1] or None, ``elapsed`` in seconds),
+        ``seconds``, ``rois`` ``(y0, y1, x0, x1)`` in pixels per image and ``data``.
     """
-    from ..runtime import select_device
-
     total_steps = _resolve_budget(epochs, steps, seconds, steps_per_epoch)
+    _check_choices(schedule, optimizer)
     preset = get_loss(default_loss_for(model) if loss is None else loss)
     dev, dev_why = select_device(device)
     prec = choose_precision(dev, precision)
     entries = planes_of_stacks(as_entries(image, labels, roi), model.in_channels)
-    if not entries:
-        raise ValueError("no training data given")
-    mode, fraction, use_regions, note = _plan_validation(entries, validation, val_fraction)
+    datasets, summary = _prepare_data(model, entries, validation, val_fraction, preset, dev, seed)
+    summary.steps, summary.seconds = total_steps, seconds
+    summary.precision, summary.device = prec.name, dev_why
+    options = _Options(
+        dev, prec, preset, total_steps, seconds, steps_per_epoch, lr, optimizer, schedule
+    )
+    sampling = _Sampling(batch_size, _patch_size(model, patch_size), seed, augment)
+    history = _new_history(datasets, summary, options, sampling)
+    _Run(model, datasets, history, options, sampling, callback, cancel).run(threads)
+    model.training_summary = history.summary()
+    return history
+
+
+def _check_choices(schedule: str, optimizer: str) -> None:
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    if not getattr(model, "normalization", None):
-        model.normalization = get_normalization(model)
-    if not getattr(model, "class_names", None):
-        model.class_names = default_class_names(model.num_classes)
 
+
+def _prepare_data(
+    model: SegmentationModel,
+    entries: list[TrainingEntry],
+    validation: Any,
+    val_fraction: float,
+    preset: LossPreset,
+    dev: torch.device,
+    seed: int,
+) -> tuple[list[TrainingData], TrainingSummary]:
+    """The validation plan, each entry's normalised training data and their summary."""
+    if not entries:
+        raise ValueError("no training data given")
+    mode, fraction, use_regions, note = _plan_validation(entries, validation, val_fraction)
+    if not model.normalization:
+        model.normalization = get_normalization(model)
     rng = np.random.default_rng(seed)
     datasets = [
         prepare_entry(
@@ -324,193 +383,203 @@ def train(
             }
             for d in datasets
         ],
-        steps=total_steps,
-        seconds=seconds,
-        precision=prec.name,
-        device=dev_why,
     )
     summary.val_note = _val_note(summary)
     if not all(len(d.known) for d in datasets):
         raise ValueError("a training image has no trainable pixel left after validation")
+    return datasets, summary
 
+
+def _patch_size(model: SegmentationModel, patch_size: int) -> int:
+    """``patch_size`` rounded up to the model's divisor (and to a legal valid-U-Net input)."""
     patch = round_up(max(patch_size, model.size_divisor), model.size_divisor)
-    if model.border > 0:
-        patch = model.legal_size(patch)
+    return model.legal_size(patch) if model.border > 0 else patch
+
+
+def _new_history(
+    datasets: list[TrainingData], summary: TrainingSummary, o: _Options, s: _Sampling
+) -> TrainHistory:
     history = TrainHistory(
         settings={
-            "loss": preset.name,
-            "lr": lr,
-            "batch_size": batch_size,
-            "patch_size": patch,
-            "optimizer": optimizer,
-            "schedule": schedule if total_steps else "constant",
-            "seed": seed,
+            "loss": o.preset.name,
+            "lr": o.lr,
+            "batch_size": s.batch_size,
+            "patch_size": s.patch,
+            "optimizer": o.optimizer,
+            "schedule": o.schedule if o.total_steps else "constant",
+            "seed": s.seed,
             "images": len(datasets),
-            "precision": prec.name,
+            "precision": o.prec.name,
         },
         data=summary,
     )
     history.rois = [d.roi for d in datasets]
-    with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()) as n:
-        summary.threads = n if dev.type == "cpu" else None
-        history.settings["threads"] = summary.threads
-        history.settings["openmp_wait"] = "passive" if openmp_passive() else "default"
-        _loop(
-            model,
-            datasets,
-            history,
-            dev=dev,
-            prec=prec,
-            preset=preset,
-            total_steps=total_steps,
-            seconds=seconds,
-            lr=lr,
-            batch_size=batch_size,
-            patch=patch,
-            seed=seed,
-            optimizer=optimizer,
-            schedule=schedule,
-            augment=augment,
-            steps_per_epoch=steps_per_epoch,
-            callback=callback,
-            cancel=cancel,
-        )
-    model.training_summary = history.summary()
     return history
 
 
-def _loop(
-    model: SegmentationModel,
-    datasets: list[TrainingData],
-    history: TrainHistory,
-    *,
-    dev: torch.device,
-    prec: Precision,
-    preset: Any,
-    total_steps: int | None,
-    seconds: float | None,
-    lr: float,
-    batch_size: int,
-    patch: int,
-    seed: int,
-    optimizer: str,
-    schedule: str,
-    augment: bool | dict[str, Any],
-    steps_per_epoch: int,
-    callback: Callable[[dict[str, Any]], None] | None,
-    cancel: Any,
-) -> None:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    aug = None
-    if augment:
-        kwargs = augment if isinstance(augment, dict) else {}
-        aug = Augmenter(generator=torch.Generator().manual_seed(seed + 1), **kwargs)
-    home = next(model.parameters()).device
-    model.to(dev)
-    good = copy.deepcopy(model.state_dict())
-    scored = history.data.scored
-    start = time.perf_counter()
-    step = epoch = 0
-    epoch_losses: list[float] = []
+class _Run:
+    """One training run: the loop's state (step, epoch, last good weights) and its steps."""
 
-    def end_epoch() -> None:
-        nonlocal epoch, epoch_losses
-        epoch += 1
+    def __init__(
+        self,
+        model: SegmentationModel,
+        datasets: list[TrainingData],
+        history: TrainHistory,
+        options: _Options,
+        sampling: _Sampling,
+        callback: Callable[[dict[str, Any]], None] | None,
+        cancel: Any,
+    ) -> None:
+        self.model, self.datasets, self.history = model, datasets, history
+        self.o, self.s = options, sampling
+        self.callback, self.cancel = callback, cancel
+        self.step = self.epoch = 0
+        self.epoch_losses: list[float] = []
+        self.start = time.perf_counter()
+        self.good: dict[str, torch.Tensor] = {}
+
+    def run(self, threads: int | None) -> None:
+        """The loop with ``threads`` torch CPU threads (on the CPU), recorded in the history."""
+        cpu = self.o.dev.type == "cpu"
+        with torch_threads(threads if cpu else torch.get_num_threads()) as n:
+            self.history.data.threads = n if cpu else None
+            self.history.settings["threads"] = self.history.data.threads
+            self.history.settings["openmp_wait"] = "passive" if openmp_passive() else "default"
+            self._loop()
+
+    def _loop(self) -> None:
+        model, o, history = self.model, self.o, self.history
+        torch.manual_seed(self.s.seed)
+        gen = torch.Generator().manual_seed(self.s.seed)
+        aug = self._augmenter()
+        home = next(model.parameters()).device
+        model.to(o.dev)
+        self.good = copy.deepcopy(model.state_dict())
+        self.start = time.perf_counter()
+        try:
+            self._emit({"kind": "start", "summary": history.data, **history.data.to_dict()})
+            if o.total_steps == 0:
+                raise _Stop
+            model.train()
+            opt = self._optimizer()
+            while True:
+                self._check_stop()
+                self._one_step(opt, gen, aug)
+                if self.step % o.steps_per_epoch == 0 or self.step == o.total_steps:
+                    self._end_epoch()
+                    self.good = copy.deepcopy(model.state_dict())
+        except _Stop:
+            if history.cancelled or history.diverged:
+                model.load_state_dict(self.good)
+            elif self.epoch_losses:  # time budget ended mid-epoch: these steps completed
+                self._end_epoch()
+        except BaseException as exc:  # callback error, KeyboardInterrupt: never half-updated
+            model.load_state_dict(self.good)
+            history.error = f"{type(exc).__name__}: {exc}"
+            history.seconds = time.perf_counter() - self.start
+            model.eval().to(home)
+            raise
+        history.seconds = time.perf_counter() - self.start
+        model.eval().to(home)
+
+    def _augmenter(self) -> Augmenter | None:
+        if not self.s.augment:
+            return None
+        kwargs = self.s.augment if isinstance(self.s.augment, dict) else {}
+        return Augmenter(generator=torch.Generator().manual_seed(self.s.seed + 1), **kwargs)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.o.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.o.lr, weight_decay=1e-4)
+        return torch.optim.SGD(params, lr=self.o.lr, momentum=0.99)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.callback is not None:
+            self.callback(event)
+
+    def _check_stop(self) -> None:
+        """Raise :class:`_Stop` when cancelled or when the budget is spent."""
+        if is_cancelled(self.cancel):
+            self.history.cancelled = True
+            raise _Stop
+        if self.o.seconds is not None and time.perf_counter() - self.start >= self.o.seconds:
+            raise _Stop
+        if self.o.total_steps is not None and self.step >= self.o.total_steps:
+            raise _Stop
+
+    def _one_step(
+        self, opt: torch.optim.Optimizer, gen: torch.Generator, aug: Augmenter | None
+    ) -> None:
+        """Sample a batch, take one optimizer step and report it (``_Stop`` on divergence)."""
+        o, s = self.o, self.s
+        data = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=gen))]
+        x, t, ign, wgt = sample_batch(data, s.batch_size, s.patch, gen)
+        if aug is not None:
+            x, t, ign, wgt = aug(x, t, ign, wgt)
+        x, t, ign, wgt = (
+            v if v is None else v.to(o.dev, non_blocking=True) for v in (x, t, ign, wgt)
+        )
+        with torch.autocast(o.dev.type, dtype=o.prec.dtype, enabled=o.prec.autocast):
+            value = compute_loss(self.model, x, t, wgt, ign, loss=o.preset)
+        loss_value = float(value.detach())
+        if not math.isfinite(loss_value):
+            self.history.diverged = True
+            warnings.warn(  # stack: _one_step, _loop, run, train, train's caller
+                "training loss is not finite; keeping the last good weights",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            raise _Stop
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        if o.schedule == "cosine" and o.total_steps:
+            for group in opt.param_groups:
+                group["lr"] = o.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / o.total_steps))
+        opt.step()
+        self.step += 1
+        self.history.losses.append(loss_value)
+        self.epoch_losses.append(loss_value)
+        self._report_step(loss_value)
+
+    def _report_step(self, loss_value: float) -> None:
+        if self.callback is None:
+            return
+        elapsed = time.perf_counter() - self.start
+        total, seconds = self.o.total_steps, self.o.seconds
+        fraction = self.step / total if total else 0.0
+        if seconds is not None:
+            fraction = max(fraction, min(1.0, elapsed / seconds)) if seconds else 1.0
+        self.callback(
+            {
+                "kind": "step",
+                "step": self.step,
+                "epoch": self.epoch,
+                "loss": loss_value,
+                "elapsed": elapsed,
+                "fraction": fraction,
+                "total_steps": total,
+            }
+        )
+
+    def _end_epoch(self) -> None:
+        """Record the epoch (mean loss, validation score) and report it."""
+        history, scored = self.history, self.history.data.scored
+        self.epoch += 1
         record: dict[str, Any] = {
-            "epoch": epoch,
-            "step": step,
-            "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
             "val_f1": None,
             "val_iou": None,
             "val_objects": history.data.val_objects if scored else 0,
             "val_note": history.data.val_note,
         }
         if scored:
-            model.eval()
-            record.update(_validate(model, datasets, dev))
-            model.train()
-        record["elapsed"] = time.perf_counter() - start
+            self.model.eval()
+            record.update(_validate(self.model, self.datasets, self.o.dev))
+            self.model.train()
+        record["elapsed"] = time.perf_counter() - self.start
         history.epochs.append(record)
-        epoch_losses = []
-        if callback is not None:
-            callback({"kind": "epoch", **record})
-
-    try:
-        if callback is not None:
-            callback({"kind": "start", "summary": history.data, **history.data.to_dict()})
-        if total_steps == 0:
-            raise _Stop
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        else:
-            opt = torch.optim.SGD(params, lr=lr, momentum=0.99)
-        while True:
-            if is_cancelled(cancel):
-                history.cancelled = True
-                raise _Stop
-            if seconds is not None and time.perf_counter() - start >= seconds:
-                raise _Stop
-            if total_steps is not None and step >= total_steps:
-                raise _Stop
-            data = datasets[int(torch.randint(len(datasets), (1,), generator=gen))]
-            x, t, ign, wgt = sample_batch(data, batch_size, patch, gen)
-            if aug is not None:
-                x, t, ign, wgt = aug(x, t, ign, wgt)
-            x, t, ign, wgt = (
-                v if v is None else v.to(dev, non_blocking=True) for v in (x, t, ign, wgt)
-            )
-            with torch.autocast(dev.type, dtype=prec.dtype, enabled=prec.autocast):
-                value = compute_loss(model, x, t, wgt, ign, loss=preset)
-            loss_value = float(value.detach())
-            if not math.isfinite(loss_value):
-                history.diverged = True
-                warnings.warn(
-                    "training loss is not finite; keeping the last good weights",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                raise _Stop
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            if schedule == "cosine" and total_steps:
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            opt.step()
-            step += 1
-            history.losses.append(loss_value)
-            epoch_losses.append(loss_value)
-            if callback is not None:
-                elapsed = time.perf_counter() - start
-                fraction = step / total_steps if total_steps else 0.0
-                if seconds is not None:
-                    fraction = max(fraction, min(1.0, elapsed / seconds)) if seconds else 1.0
-                callback(
-                    {
-                        "kind": "step",
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_value,
-                        "elapsed": elapsed,
-                        "fraction": fraction,
-                        "total_steps": total_steps,
-                    }
-                )
-            if step % steps_per_epoch == 0 or step == total_steps:
-                end_epoch()
-                good = copy.deepcopy(model.state_dict())
-    except _Stop:
-        if history.cancelled or history.diverged:
-            model.load_state_dict(good)
-        elif epoch_losses:  # time budget ended mid-epoch: these steps completed normally
-            end_epoch()
-    except BaseException as exc:  # callback error, KeyboardInterrupt: never half-updated
-        model.load_state_dict(good)
-        history.error = f"{type(exc).__name__}: {exc}"
-        history.seconds = time.perf_counter() - start
-        model.eval().to(home)
-        raise
-    history.seconds = time.perf_counter() - start
-    model.eval().to(home)
+        self.epoch_losses = []
+        self._emit({"kind": "epoch", **record})
