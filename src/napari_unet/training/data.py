@@ -362,14 +362,8 @@ def prepare_entry(
     ``use_val_regions`` removes and scores ``entry.val_regions``.
     """
     img = as_channels_first(entry.image, in_channels)
-    lab = np.asarray(entry.labels)
+    lab = _checked_labels(entry.labels, img.shape[-2:])
     shape = lab.shape
-    if lab.shape != img.shape[-2:]:
-        raise ValueError(f"labels {lab.shape} and image {img.shape[-2:]} differ in size")
-    if not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
-        raise ValueError(f"labels must be integers (instance ids), got {lab.dtype}")
-    if lab.size and lab.min() < 0:
-        raise ValueError("labels must be ≥ 0 (0 = background, > 0 = one cell per value)")
     regions = list(entry.regions) if entry.regions is not None else []
     rois = [check_roi(r, shape) for r in regions] if regions else [default_roi(lab)]
     region = _rect_mask(shape, rois)
@@ -377,63 +371,22 @@ def prepare_entry(
     if not inside.any():
         where = rois[0] if len(rois) == 1 else f"{len(rois)} regions"
         raise ValueError(f"no annotated cell inside the training region {where}")
-
-    if num_classes >= 3:
-        target = targets_from_instances(inside, mode="3class")
-        weight = border_weight_map(inside) if weight_map else None
-    elif num_classes == 2:
-        target, weight = two_class_target(inside)
-        weight = weight if weight_map else None
-    else:
-        target = targets_from_instances(inside, mode="2class")
-        weight = border_weight_map(inside) if weight_map else None
-
-    ignore = ~region
-    val_mask = None
-    val_labels = None
-    n_val = 0
+    target, weight = _targets(inside, num_classes, weight_map)
     val_rects = [check_roi(r, shape) for r in entry.val_regions] if use_val_regions else []
     if val_rects:
-        vmask = _rect_mask(shape, val_rects)
-        val_labels = np.where(vmask, lab, 0)
-        exclude = ~vmask
-        for r in val_rects:
-            exclude |= _inner_rim(shape, r)
-        ids = np.unique(val_labels[val_labels > 0])
-        touching = np.unique(lab[exclude & (lab > 0) & vmask])
-        n_val = int(np.setdiff1d(ids, touching).size)
-        val_mask = ~exclude
-        ignore = ignore | vmask
-    elif val_fraction > 0:
-        ids = np.unique(inside[inside > 0])
-        # objects wholly inside the regions (a cut object would be scored on a fragment)
-        cut = np.unique(lab[~region & np.isin(lab, ids)])
-        whole = np.setdiff1d(ids, cut)
-        k = min(len(whole), max(1, int(round(val_fraction * len(ids))))) if len(whole) else 0
-        if k:
-            rng = rng if rng is not None else np.random.default_rng(0)
-            held = np.sort(rng.choice(whole, size=k, replace=False))
-            held_mask = np.isin(lab, held)
-            ring = ndi.binary_dilation(held_mask, iterations=VAL_RING) & region
-            val_labels = np.where(held_mask, lab, 0)
-            val_mask = ring
-            n_val = k
-            ignore = ignore | ring
+        val_mask, val_labels, n_val, held = _validation_regions(lab, val_rects)
+    else:
+        val_mask, val_labels, n_val, held = _held_out_objects(lab, region, val_fraction, rng)
+    ignore = ~region if held is None else ~region | held
     known_mask = ~ignore
-    objects = int(np.unique(lab[known_mask & (lab > 0)]).size)
-
     stats = normalization_stats(sample_plane(img), norm)
     img_n = apply_normalization(img, stats)
-    y0 = min(r[0] for r in rois)
-    y1 = max(r[1] for r in rois)
-    x0 = min(r[2] for r in rois)
-    x1 = max(r[3] for r in rois)
     return TrainingData(
         image=torch.from_numpy(np.ascontiguousarray(img_n, dtype=np.float32)).to(device),
         target=torch.from_numpy(target.astype(np.int64)).to(device),
         ignore=torch.from_numpy(ignore).to(device),
         weight=None if weight is None else torch.from_numpy(weight.astype(np.float32)).to(device),
-        roi=(y0, y1, x0, x1),
+        roi=_bounding_rect(rois),
         rois=rois,
         labels=lab,
         image_np=img,
@@ -441,9 +394,86 @@ def prepare_entry(
         val_mask=val_mask,
         val_labels=val_labels,
         val_boxes=_boxes(val_mask, shape, VAL_CONTEXT) if val_mask is not None else [],
-        objects=objects,
+        objects=int(np.unique(lab[known_mask & (lab > 0)]).size),
         val_objects=n_val,
         name=entry.name,
+    )
+
+
+def _checked_labels(labels: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` as an array of instance ids (≥ 0) of the image's (Y, X) ``shape``."""
+    lab = np.asarray(labels)
+    if lab.shape != shape:
+        raise ValueError(f"labels {lab.shape} and image {shape} differ in size")
+    if not np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
+        raise ValueError(f"labels must be integers (instance ids), got {lab.dtype}")
+    if lab.size and lab.min() < 0:
+        raise ValueError("labels must be ≥ 0 (0 = background, > 0 = one cell per value)")
+    return lab
+
+
+def _targets(
+    inside: np.ndarray, num_classes: int, weight_map: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W) class targets of the instances ``inside`` the regions and, with
+    ``weight_map``, their (H, W) pixel weights."""
+    if num_classes >= 3:
+        target = targets_from_instances(inside, mode="3class")
+        return target, border_weight_map(inside) if weight_map else None
+    if num_classes == 2:
+        target, weight = two_class_target(inside)
+        return target, weight if weight_map else None
+    target = targets_from_instances(inside, mode="2class")
+    return target, border_weight_map(inside) if weight_map else None
+
+
+_HoldOut = tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray | None]
+"""(scored mask, scored labels, scored objects, pixels taken out of training), all (H, W)."""
+
+
+def _validation_regions(lab: np.ndarray, val_rects: list[Rect]) -> _HoldOut:
+    """(scored mask, scored labels, scored objects, pixels removed from training) for
+    validation rectangles: objects touching a rectangle's inner rim are not scored."""
+    shape = lab.shape
+    vmask = _rect_mask(shape, val_rects)
+    val_labels = np.where(vmask, lab, 0)
+    exclude = ~vmask
+    for r in val_rects:
+        exclude |= _inner_rim(shape, r)
+    ids = np.unique(val_labels[val_labels > 0])
+    touching = np.unique(lab[exclude & (lab > 0) & vmask])
+    return ~exclude, val_labels, int(np.setdiff1d(ids, touching).size), vmask
+
+
+def _held_out_objects(
+    lab: np.ndarray, region: np.ndarray, val_fraction: float, rng: np.random.Generator | None
+) -> _HoldOut:
+    """The same for ``val_fraction`` of the objects wholly inside the training ``region``
+    (with a ring of ``VAL_RING`` px); nothing when the fraction is 0 or no object is whole."""
+    if not val_fraction > 0:
+        return None, None, 0, None
+    inside = np.where(region, lab, 0)
+    ids = np.unique(inside[inside > 0])
+    # objects wholly inside the regions (a cut object would be scored on a fragment)
+    cut = np.unique(lab[~region & np.isin(lab, ids)])
+    whole = np.setdiff1d(ids, cut)
+    k = min(len(whole), max(1, int(round(val_fraction * len(ids))))) if len(whole) else 0
+    if not k:
+        return None, None, 0, None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    held = np.sort(rng.choice(whole, size=k, replace=False))
+    held_mask = np.isin(lab, held)
+    ring = ndi.binary_dilation(held_mask, iterations=VAL_RING) & region
+    return ring, np.where(held_mask, lab, 0), k, ring
+
+
+def _bounding_rect(rois: list[Rect]) -> Rect:
+    """The smallest rectangle containing every one of ``rois``."""
+    return (
+        min(r[0] for r in rois),
+        max(r[1] for r in rois),
+        min(r[2] for r in rois),
+        max(r[3] for r in rois),
     )
 
 
