@@ -319,6 +319,70 @@ class BasicLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------- model
+def _stage_windows(
+    img_size: int, window_size: int, patch_size: int, n_layers: int
+) -> tuple[list[int], list[int]]:
+    """Window and shift per stage at ``img_size``: a stage whose token grid is no larger
+    than ``window_size`` attends over the whole grid without shifting."""
+    windows, shifts = [], []
+    for i in range(n_layers):
+        res = img_size // patch_size // 2**i
+        if res <= window_size:
+            windows.append(res)
+            shifts.append(0)
+        else:
+            windows.append(window_size)
+            shifts.append(window_size // 2)
+    return windows, shifts
+
+
+_StageSpec = tuple[int, int, int, int, int, float, list[float]]
+"""A :class:`BasicLayer`'s (width, depth, heads, window, shift, MLP ratio, drop-path rates)."""
+
+
+def _stage_specs(
+    embed_dim: int,
+    depths: tuple[int, ...],
+    num_heads: tuple[int, ...],
+    windows: list[int],
+    shifts: list[int],
+    drop_path_rate: float,
+) -> list[_StageSpec]:
+    """Per stage ``i``: width ``embed_dim·2^i`` and its share of the linearly rising
+    stochastic-depth rates (shared by the encoder stage and its decoder mirror)."""
+    dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    return [
+        (
+            embed_dim * 2**i,
+            depths[i],
+            num_heads[i],
+            windows[i],
+            shifts[i],
+            4.0,
+            dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+        )
+        for i in range(len(depths))
+    ]
+
+
+def _expanding_path(specs: list[_StageSpec]) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Decoder, deepest stage first: a patch expansion, then a Swin stage (expanding but
+    the last) per shallower stage; and the linear layers that merge each skip back to
+    the stage width (identity for the first)."""
+    n_layers = len(specs)
+    layers_up, concat_back_dim = nn.ModuleList(), nn.ModuleList()
+    for j in range(n_layers):
+        spec = specs[n_layers - 1 - j]
+        width = spec[0]
+        if j == 0:
+            layers_up.append(PatchExpand(width))
+            concat_back_dim.append(nn.Identity())
+        else:
+            layers_up.append(BasicLayer(*spec, "up" if j < n_layers - 1 else None))
+            concat_back_dim.append(nn.Linear(2 * width, width))
+    return layers_up, concat_back_dim
+
+
 class SwinUNet(SegmentationModel):
     """Swin-UNet: pure-transformer U-shape with skip connections (``SwinTransformerSys``).
 
@@ -367,65 +431,19 @@ class SwinUNet(SegmentationModel):
         self.num_layers = n_layers
         self.patch_size = patch_size
         self.embed_dim = embed_dim
-
         # Per-stage window and shift, decided at img_size as in the reference.
-        windows, shifts = [], []
-        for i in range(n_layers):
-            res = img_size // patch_size // 2**i
-            if res <= window_size:
-                windows.append(res)
-                shifts.append(0)
-            else:
-                windows.append(window_size)
-                shifts.append(window_size // 2)
+        windows, shifts = _stage_windows(img_size, window_size, patch_size, n_layers)
         self.stage_windows = tuple(windows)
         self.stage_shifts = tuple(shifts)
         self.size_divisor = patch_size * math.lcm(*(2**i * w for i, w in enumerate(windows)))
-
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-
-        def stage_dpr(i: int) -> list[float]:
-            return dpr[sum(depths[:i]) : sum(depths[: i + 1])]
-
-        def dim(i: int) -> int:
-            return embed_dim * 2**i
+        specs = _stage_specs(embed_dim, depths, num_heads, windows, shifts, drop_path_rate)
 
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size)
         self.layers = nn.ModuleList(
-            BasicLayer(
-                dim(i),
-                depths[i],
-                num_heads[i],
-                windows[i],
-                shifts[i],
-                4.0,
-                stage_dpr(i),
-                "down" if i < n_layers - 1 else None,
-            )
-            for i in range(n_layers)
+            BasicLayer(*spec, "down" if i < n_layers - 1 else None) for i, spec in enumerate(specs)
         )
-        self.layers_up = nn.ModuleList()
-        self.concat_back_dim = nn.ModuleList()
-        for j in range(n_layers):
-            i = n_layers - 1 - j
-            if j == 0:
-                self.layers_up.append(PatchExpand(dim(i)))
-                self.concat_back_dim.append(nn.Identity())
-            else:
-                self.layers_up.append(
-                    BasicLayer(
-                        dim(i),
-                        depths[i],
-                        num_heads[i],
-                        windows[i],
-                        shifts[i],
-                        4.0,
-                        stage_dpr(i),
-                        "up" if j < n_layers - 1 else None,
-                    )
-                )
-                self.concat_back_dim.append(nn.Linear(2 * dim(i), dim(i)))
-        self.norm = nn.LayerNorm(dim(n_layers - 1))
+        self.layers_up, self.concat_back_dim = _expanding_path(specs)
+        self.norm = nn.LayerNorm(embed_dim * 2 ** (n_layers - 1))
         self.norm_up = nn.LayerNorm(embed_dim)
         self.up = FinalPatchExpand(embed_dim, patch_size)
         self.output = nn.Conv2d(embed_dim, num_classes, kernel_size=1, bias=False)

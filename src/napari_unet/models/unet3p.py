@@ -35,6 +35,39 @@ from .blocks import ConvNormAct, DoubleConv, UpsampleConvNormAct
 GATE_LOGIT = 20.0
 
 
+def _full_scale_decoder(
+    widths: list[int], cat: int, norm: str
+) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The full-scale skips of every decoder stage, deepest first, and their fusions.
+
+    Stage for level ``lvl`` (0-based, ``depth - 1`` down to 0) has one branch per level
+    ``j``: shallower encoder maps max-pooled down, the same-scale encoder map, deeper
+    decoder maps (the bottleneck for the last level) upsampled; each gives ``cat``
+    channels, fused by a conv over the ``cat · levels`` concatenation.
+    """
+    levels = len(widths)
+    up = cat * levels
+    stages, fusions = nn.ModuleList(), nn.ModuleList()
+    for lvl in reversed(range(levels - 1)):
+        branches = nn.ModuleList()
+        for j in range(levels):
+            if j < lvl:  # shallower encoder map, max-pooled down
+                k = 2 ** (lvl - j)
+                branch = nn.Sequential(
+                    nn.MaxPool2d(k, k, ceil_mode=True),
+                    ConvNormAct(widths[j], cat, norm=norm),
+                )
+            elif j == lvl:  # same-scale encoder map
+                branch = ConvNormAct(widths[j], cat, norm=norm)
+            else:  # deeper decoder map (bottleneck for the last level), upsampled
+                c_in = widths[j] if j == levels - 1 else up
+                branch = UpsampleConvNormAct(c_in, cat, 2 ** (j - lvl), norm=norm)
+            branches.append(branch)
+        stages.append(branches)
+        fusions.append(ConvNormAct(up, up, norm=norm))
+    return stages, fusions
+
+
 class UNet3Plus(SegmentationModel):
     """UNet 3+ with optional deep supervision and classification-guided module.
 
@@ -101,25 +134,7 @@ class UNet3Plus(SegmentationModel):
         # ---------------------------------------------------------------- decoder
         # stages[s] builds X_De^i with i = depth - s (0-based level index i - 1),
         # deepest first. branches[j] takes level j (0-based) to level i - 1.
-        self.stages = nn.ModuleList()
-        self.fusions = nn.ModuleList()
-        for lvl in reversed(range(self.depth)):
-            branches = nn.ModuleList()
-            for j in range(levels):
-                if j < lvl:  # shallower encoder map, max-pooled down
-                    k = 2 ** (lvl - j)
-                    branch = nn.Sequential(
-                        nn.MaxPool2d(k, k, ceil_mode=True),
-                        ConvNormAct(widths[j], cat, norm=norm),
-                    )
-                elif j == lvl:  # same-scale encoder map
-                    branch = ConvNormAct(widths[j], cat, norm=norm)
-                else:  # deeper decoder map (bottleneck for the last level), upsampled
-                    c_in = widths[j] if j == levels - 1 else up
-                    branch = UpsampleConvNormAct(c_in, cat, 2 ** (j - lvl), norm=norm)
-                branches.append(branch)
-            self.stages.append(branches)
-            self.fusions.append(ConvNormAct(up, up, norm=norm))
+        self.stages, self.fusions = _full_scale_decoder(widths, cat, norm)
 
         # ------------------------------------------------------------------ heads
         # heads[i] predicts from level i (0-based): decoder stages, then bottleneck.
