@@ -48,9 +48,15 @@ def user_layers_unchanged(before, after) -> bool:
     return all(now.get(i) == (n, h) for i, n, h in before)
 
 
+def on_cpu(viewer):
+    """Pin the viewer's device to the CPU: timings and results do not depend on a GPU."""
+    get_state(viewer).set_device("cpu")
+    return viewer
+
+
 @pytest.fixture
 def viewer(make_napari_viewer):
-    v = make_napari_viewer()
+    v = on_cpu(make_napari_viewer())
     v.open_sample(PLUGIN, "nuclei")
     get_state(v).set_model(tiny(), "tiny test model", untrained=True)
     return v
@@ -276,11 +282,10 @@ def test_predict_cancel_changes_nothing(viewer, qtbot):
     w.probabilities.setChecked(True)
     w.tile.setValue(128)
     before = snapshot(viewer)
+    # Cancel from the progress callback (the first tiles shown), not after a wait: the
+    # bar moves only on reported progress, which reaches the GUI before the job's end.
+    w.controls.progress.valueChanged.connect(lambda value: value > 0 and w.cancel())
     job = w.run()
-    qtbot.waitUntil(
-        lambda: "tiles" in w.controls.progress.format() or not job.running, timeout=TIMEOUT
-    )
-    w.cancel()
     wait_job(qtbot, job)
     assert job.cancelled
     assert snapshot(viewer) == before
@@ -438,10 +443,10 @@ def test_train_cancel_keeps_model_and_layers(viewer, qtbot):
     w.patch.setValue(64)
     before = snapshot(viewer)
     job = w.run()
-    qtbot.waitUntil(lambda: len(w.plot.losses) >= 2, timeout=TIMEOUT)
-    w.cancel()
+    # cancel from the progress callback once two steps are plotted (no wait, no sleep)
+    job.when_reported(lambda events: len(w.plot.losses) >= 2 and w.cancel())
     wait_job(qtbot, job)
-    assert job.cancelled
+    assert job.cancelled and len(w.plot.losses) >= 2
     assert snapshot(viewer) == before
     assert state.model is original
     for k, v in original.state_dict().items():
@@ -452,7 +457,7 @@ def test_train_cancel_keeps_model_and_layers(viewer, qtbot):
 # ------------------------------------------------------------------ one place to work
 def test_all_tools_fit_a_1600x1000_window(make_napari_viewer, qtbot):
     """Item 1: the panel and every single tool open from the Plugins menu fit the window."""
-    viewer = make_napari_viewer(show=True)
+    viewer = on_cpu(make_napari_viewer(show=True))
     viewer.open_sample(PLUGIN, "nuclei")
     get_state(viewer).set_model(tiny(), "tiny test model", untrained=True)
     window = viewer.window._qt_window
@@ -664,6 +669,7 @@ from napari_unet.models import build_model
 
 mode = sys.argv[1]
 v = napari.Viewer()
+get_state(v).set_device("cpu")
 if mode == "dock-and-close":   # issue #16 item 4: the default-model loader still running
     v.window.add_plugin_dock_widget("napari-unet", "Predict")
     v.close()
@@ -716,12 +722,85 @@ def test_closing_the_viewer_ends_the_process_quietly(mode, tmp_path):
         assert "dropped True steps True" in proc.stdout
 
 
+# ------------------------------------------------------------------------ job events
+def test_job_messages_are_typed(viewer, qtbot):
+    """A worker reports typed events; a bare tuple fails at once (no silent skip), an event a
+    widget does not handle raises, and the engine's training dicts are converted."""
+    from napari_unet._widgets._events import (
+        Epoch,
+        Progress,
+        Stage,
+        Step,
+        TrainStarted,
+        UnknownEvent,
+        train_event,
+    )
+    from napari_unet._widgets._jobs import start_job
+
+    errors, seen = [], []
+    job = start_job(
+        lambda report, cancel: report(("progress", 1, 2)),
+        on_progress=seen.extend,
+        on_done=lambda _: errors.append("done"),
+        on_error=errors.append,
+    )
+    wait_job(qtbot, job)
+    assert len(errors) == 1 and isinstance(errors[0], UnknownEvent) and seen == []
+
+    def work(report, cancel):
+        report(Stage("one"))
+        report(Progress(1, 2), flush=True)
+        return "result"
+
+    done = []
+    wait_job(qtbot, start_job(work, on_progress=seen.extend, on_done=done.append))
+    assert seen == [Stage("one"), Progress(1, 2)] and done == ["result"]
+    with pytest.raises(AttributeError):
+        Progress(1, 2).done = 3  # frozen
+    w = dock(viewer, "Predict")
+    with pytest.raises(UnknownEvent, match="Predict"):
+        w._on_progress([Step(1, 0.5, 0.1, 0.2)])
+    assert train_event({"kind": "start", "summary": "s"}) == TrainStarted("s")
+    step = {"kind": "step", "step": 3, "epoch": 0, "loss": 0.5, "elapsed": 1.0}
+    assert train_event({**step, "fraction": 0.3, "total_steps": 10}) == Step(
+        3, 0.5, 0.3, 1.0, 10, 0
+    )
+    assert train_event({"kind": "epoch", "epoch": 1, "val_f1": None}) == Epoch(1)
+    with pytest.raises(UnknownEvent, match="stepp"):
+        train_event({"kind": "stepp"})
+
+
+def test_cancel_after_the_engine_returned_still_cancels(qtbot):
+    """Cancel pressed while the result is on its way to the GUI: on_cancelled, not on_done."""
+    import threading
+
+    from napari_unet._widgets._events import Progress
+    from napari_unet._widgets._jobs import start_job
+
+    returned = threading.Event()
+    outcome = []
+
+    def work(report, cancel):
+        report(Progress(1, 1))
+        returned.set()
+        return "result"
+
+    job = start_job(
+        work,
+        on_progress=lambda events: (returned.wait(10), job.cancel()),
+        on_done=lambda r: outcome.append(("done", r)),
+        on_cancelled=lambda r: outcome.append(("cancelled", r)),
+    )
+    wait_job(qtbot, job)
+    assert job.cancelled and outcome == [("cancelled", "result")]
+
+
 # -------------------------------------------------------------------------- inspect
 def test_inspect_alone_loads_a_model_and_follows_undo(make_napari_viewer, qtbot):
     """Item 8: Inspect opened alone loads the bundled model; the weight map follows undo."""
     from napari_unet.weightmap import border_weight_map
 
-    viewer = make_napari_viewer()
+    viewer = on_cpu(make_napari_viewer())
     viewer.open_sample(PLUGIN, "nuclei")
     w = dock(viewer, "Inspect")
     qtbot.waitUntil(lambda: get_state(viewer).model is not None, timeout=TIMEOUT)
@@ -757,7 +836,7 @@ def test_model_widget_exports_and_loads_a_bioimageio_package(make_napari_viewer,
     from napari_unet.checkpoint import load_default_model
     from napari_unet.inference.predict import predict
 
-    viewer = make_napari_viewer()
+    viewer = on_cpu(make_napari_viewer())
     widget = ModelWidget(viewer)
     qtbot.waitUntil(lambda: widget.state.model is not None, timeout=60000)
     original = widget.state.model
@@ -781,7 +860,7 @@ def test_predict_widget_makes_3d_objects_with_the_layer_scale(make_napari_viewer
     from napari_unet._widgets import PredictWidget
     from napari_unet.synthetic import synthetic_nuclei_3d
 
-    viewer = make_napari_viewer()
+    viewer = on_cpu(make_napari_viewer())
     image, truth = synthetic_nuclei_3d((8, 96, 96), spacing=(4.0, 1.0, 1.0), seed=2)
     layer = viewer.add_image(image, name="stack", scale=(4.0, 1.0, 1.0))
     widget = PredictWidget(viewer)

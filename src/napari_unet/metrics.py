@@ -91,3 +91,10 @@ def pixel_iou(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | None = None) 
         g, p = g[mask], p[mask]
     union = np.logical_or(g, p).sum()
     return float(np.logical_and(g, p).sum() / union) if union else 1.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient 2·|A∩B| / (|A| + |B|) of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total

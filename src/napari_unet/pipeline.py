@@ -253,3 +253,155 @@ def segment_image(
 
 
 # ------------------------------------------------- side outputs, weight-map stacks (widgets)
+# The Inspect widget's engine: what training emphasises (border weight maps of a labels
+# layer, plane by plane) and what each depth of a network predicts (every deep-supervision
+# / side output, with a Dice against the final output and its parameters and time).
+
+
+def weight_map_stack(
+    labels: Any, *, w0: float = 10.0, sigma: float = 5.0, class_weights: Any = "balanced"
+) -> np.ndarray:
+    """The U-Net border weight map of 2-D labels, plane by plane for stacks.
+
+    Args:
+        labels: ``(*leading, Y, X)`` integer labels (0 = background).
+        w0, sigma, class_weights: as :func:`napari_unet.weightmap.border_weight_map`.
+
+    Returns:
+        float32 ``(*leading, Y, X)`` weights.
+    """
+    from .weightmap import border_weight_map
+
+    labels = np.asarray(labels)
+    opts = {"w0": w0, "sigma": sigma, "class_weights": class_weights}
+    if labels.ndim == 2:
+        return border_weight_map(labels, **opts)
+    out = np.empty(labels.shape, np.float32)
+    for idx in np.ndindex(*labels.shape[:-2]):
+        out[idx] = border_weight_map(labels[idx], **opts)
+    return out
+
+
+@dataclass
+class SideOutputs:
+    """What :func:`side_outputs` computed.
+
+    Attributes:
+        maps: float32 ``(N, *leading, Y, X)`` foreground probability of each of the N
+            outputs (UNet++: levels L1…; U²-Net / UNet 3+: side outputs, the final one
+            among them).
+        rows: one dict per output with the keys of :data:`SIDE_OUTPUT_COLUMNS` (text).
+        seconds: wall-clock seconds of the whole run (timing the UNet++ levels included).
+    """
+
+    maps: np.ndarray
+    rows: list[dict[str, str]]
+    seconds: float
+
+
+SIDE_OUTPUT_COLUMNS = ("output", "parameters", "time", "Dice vs final")
+
+
+def side_outputs(
+    model: Any,
+    image: Any,
+    *,
+    axes: str | None = None,
+    channel: int | None = None,
+    device: Any = "auto",
+    threads: int | str | None = "auto",
+    progress: Progress | None = None,
+    stage: Callable[[str], None] | None = None,
+    cancel: Any = None,
+) -> SideOutputs:
+    """Every deep-supervision / side output of ``model`` on ``image`` and its table row.
+
+    Args:
+        model: a napari-unet model object.
+        image, axes, channel, device, cancel: as :func:`segment_image`.
+        threads: CPU threads of torch (as :func:`segment_image`; default the engine's).
+        progress: ``progress(done_tiles, total_tiles)`` of the all-outputs prediction.
+        stage: ``stage(text)`` when a stage starts (``"all outputs"``, ``"timing level L2"``).
+
+    Returns:
+        A :class:`SideOutputs`; "Dice vs final" compares each output's foreground (> 0.5)
+        with the final output's.
+    """
+    from .runtime import select_device
+
+    names = model.class_names
+    dev, _ = select_device(device)
+    if stage is not None:
+        stage("all outputs")
+    opts = {"axes": axes, "channel": channel, "device": dev, "cancel": cancel}
+    with _threads(dev, threads):
+        return _side_outputs(model, image, names, opts, progress, stage)
+
+
+def _side_outputs(
+    model: Any,
+    image: Any,
+    names: list[str],
+    opts: dict[str, Any],
+    progress: Progress | None,
+    stage: Callable[[str], None] | None,
+) -> SideOutputs:
+    from .inference.predict import predict
+    from .metrics import dice
+    from .postprocess import _foreground
+
+    t0 = time.perf_counter()
+    final, heads = predict(model, image, outputs="all", progress=progress, **opts)
+    t_all = time.perf_counter() - t0
+    fg_final = _foreground(final, names) > 0.5
+    maps = [_foreground(h, names) for h in heads]
+    unetpp = model.supports_levels
+    n = len(heads)
+    final_index = model.final_index % n
+    rows = []
+    for i, fg in enumerate(maps):
+        if unetpp:
+            level = i + 1 if model.deep_supervision else model.depth
+            name = f"L{level}" + (" (final)" if i == final_index else "")
+            params = model.level_parameters(level)
+            if stage is not None:
+                stage(f"timing level L{level}")
+            t = time.perf_counter()
+            predict(model, image, level=level, **opts)
+            seconds = f"{time.perf_counter() - t:.2f} s"
+        else:
+            name = "final" if i == final_index else f"output {i + 1}"
+            if n == 1:
+                name = "final (single output)"
+            params = model.info.parameters
+            seconds = f"{t_all:.2f} s (all)" if i == final_index else "—"
+        score = dice(fg > 0.5, fg_final)
+        row = (name, f"{params:,}", seconds, f"{score:.3f}")
+        rows.append(dict(zip(SIDE_OUTPUT_COLUMNS, row)))
+    stack = np.stack(maps).astype(np.float32)
+    return SideOutputs(maps=stack, rows=rows, seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------- the default model (demo, widgets)
+FALLBACK_VARIANT = "unet"
+FALLBACK_CONFIG: dict[str, Any] = {"base_channels": 16, "depth": 3}
+"""Same shape as the bundled default (3-class U-Net), used untrained when it is missing."""
+FALLBACK_CLASSES = 3
+
+
+def default_or_fallback() -> tuple[Any, str, bool]:
+    """(model, source, untrained): the bundled model, else an untrained 3-class U-Net.
+
+    Imports torch; also measures the receptive field (``model.info``)."""
+    from .checkpoint import load_default_model
+
+    try:
+        model = load_default_model()
+        source, untrained = "bundled default", False
+    except FileNotFoundError:
+        from .models import build_model
+
+        model = build_model(FALLBACK_VARIANT, 1, FALLBACK_CLASSES, **FALLBACK_CONFIG)
+        source, untrained = "UNTRAINED fallback (bundled model missing)", True
+    model.info  # noqa: B018
+    return model, source, untrained

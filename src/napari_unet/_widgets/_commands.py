@@ -7,7 +7,7 @@ from napari.utils.notifications import show_info, show_warning
 
 from ._geometry import make_request
 from ._jobs import Job, error_text, start_job
-from ._predict import run_prediction, write_results
+from ._prediction import run_prediction, write_results
 from ._state import get_state, load_default_or_fallback
 
 

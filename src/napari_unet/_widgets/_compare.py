@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._common import LayerCombo, alive, set_status, status_label
+from ._events import Compared, unexpected
 from ._jobs import start_job
 from ._state import get_state
 
@@ -202,7 +203,7 @@ class CompareWidget(QWidget):
 
             return compare_models(
                 models, image, labels, rois=rois, heads=heads, device=device,
-                progress=lambda done, total, name: report((done, total, name)),
+                progress=lambda done, total, name: report(Compared(done, total, name)),
                 cancel=cancel, keep_labels=True,
             )  # fmt: skip
 
@@ -227,9 +228,14 @@ class CompareWidget(QWidget):
             self._job.cancel()
 
     def _progress(self, items: list[Any]) -> None:
-        if alive(self) and items:
-            done, total, name = items[-1]
-            set_status(self.status, f"{done}/{total}: {name} done")
+        if not alive(self):
+            return
+        for event in items:
+            match event:
+                case Compared(done, total, name):
+                    set_status(self.status, f"{done}/{total}: {name} done")
+                case _:
+                    raise unexpected(event, "Compare")
 
     def _finished(self) -> None:
         if alive(self):

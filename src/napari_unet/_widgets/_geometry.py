@@ -181,17 +181,7 @@ def make_request(
         notes.append(f"slice {index}")
     y0, y1, x0, x1 = 0, H, 0, W
     if field_of_view:
-        box = visible_box(viewer, layer)
-        if box is None:
-            notes.append("field of view unknown: whole plane")
-        else:
-            y0, y1, x0, x1 = box
-            if (y0, y1, x0, x1) != (0, H, 0, W):
-                crop = (..., slice(y0, y1), slice(x0, x1))
-                if layer.rgb:
-                    crop = (*crop, slice(None))
-                data = data[crop]
-                notes.append(f"field of view y {y0}:{y1}, x {x0}:{x1}")
+        data, (y0, y1, x0, x1) = _crop_to_view(viewer, layer, data, (H, W), notes)
     translate[-2] += y0 * scale[-2]
     translate[-1] += x0 * scale[-1]
     lead_letters = "" if index else _LEADING_LETTERS[n_lead]
@@ -209,6 +199,26 @@ def make_request(
         translate=tuple(translate),
         notes=notes,
     )
+
+
+def _crop_to_view(
+    viewer: Any, layer: Any, data: Any, plane: tuple[int, int], notes: list[str]
+) -> tuple[Any, tuple[int, int, int, int]]:
+    """``data`` cropped to the part of the layer inside the canvas, and that box
+    (y0, y1, x0, x1); the whole plane when the view is unknown (a note says which)."""
+    H, W = plane
+    box = visible_box(viewer, layer)
+    if box is None:
+        notes.append("field of view unknown: whole plane")
+        return data, (0, H, 0, W)
+    y0, y1, x0, x1 = box
+    if box != (0, H, 0, W):
+        crop = (..., slice(y0, y1), slice(x0, x1))
+        if layer.rgb:
+            crop = (*crop, slice(None))
+        data = data[crop]
+        notes.append(f"field of view y {y0}:{y1}, x {x0}:{x1}")
+    return data, box
 
 
 def place(

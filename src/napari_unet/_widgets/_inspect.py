@@ -36,14 +36,15 @@ from ._common import (
     term,
     write_output,
 )
+from ._events import Progress, Stage, unexpected
 from ._geometry import make_request, place
 from ._jobs import Job, error_text, start_job
-from ._predict import model_line
-from ._state import get_state
+from ._state import get_state, model_line
 
 DEBOUNCE_MS = 300
 WATCHED_EVENTS = ("data", "paint", "set_data")
 TABLE_COLUMNS = ("output", "parameters", "time", "Dice vs final")
+"""The columns of :func:`napari_unet.pipeline.side_outputs`' rows."""
 COLUMN_TIPS = {
     "output": "Where in the network the prediction comes from (UNet++: level L1…L4, a "
     "smaller sub-network each; U²-Net / UNet 3+: side outputs of each decoder stage)",
@@ -54,105 +55,15 @@ COLUMN_TIPS = {
 }
 
 
-def weight_map(labels: np.ndarray, w0: float, sigma: float, class_weights: str) -> np.ndarray:
-    """Border weight map of 2-D labels, plane by plane for stacks (worker thread)."""
-    from ..weightmap import border_weight_map
+def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any) -> Any:
+    """:func:`napari_unet.pipeline.side_outputs` of a request, reporting typed events."""
+    from ..pipeline import side_outputs
 
-    labels = np.asarray(labels)
-    if labels.ndim == 2:
-        return border_weight_map(labels, w0=w0, sigma=sigma, class_weights=class_weights)
-    out = np.empty(labels.shape, np.float32)
-    for idx in np.ndindex(*labels.shape[:-2]):
-        out[idx] = border_weight_map(labels[idx], w0=w0, sigma=sigma, class_weights=class_weights)
-    return out
-
-
-def foreground(probs: np.ndarray, class_names: list[str]) -> np.ndarray:
-    """Foreground probability (..., Y, X) of class probabilities (C, ..., Y, X)."""
-    if probs.shape[0] == 1:
-        return probs[0]
-    if "background" in class_names:
-        return 1.0 - probs[class_names.index("background")]
-    return probs[1:].sum(axis=0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
-
-
-def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any) -> dict:
-    """Every deep-supervision / side output (foreground probability) and its table row."""
-    from ..postprocess import default_class_names
-    from ..runtime import select_device
-    from ._predict import cpu_threads
-
-    names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
-    report(("stage", "all outputs"))
-
-    with cpu_threads(select_device(device)[0]):
-        return _side_outputs(model, request, device, report, cancel, names)
-
-
-def _side_outputs(
-    model: Any, request: Any, device: str, report: Any, cancel: Any, names: list[str]
-) -> dict:
-    from ..inference.predict import predict
-
-    def progress(done: int, total: int) -> None:
-        report(("progress", done, total))
-
-    t0 = time.perf_counter()
-    final, heads = predict(
-        model,
-        request.data,
-        axes=request.axes,
-        channel=request.channel,
-        device=device,
-        outputs="all",
-        progress=progress,
-        cancel=cancel,
-    )
-    t_all = time.perf_counter() - t0
-    fg_final = foreground(final, names) > 0.5
-    maps = [foreground(h, names) for h in heads]
-    unetpp = hasattr(model, "level_parameters")
-    n = len(heads)
-    final_index = model.final_index % n
-    rows = []
-    for i, fg in enumerate(maps):
-        if unetpp:
-            level = i + 1 if model.deep_supervision else model.depth
-            name = f"L{level}" + (" (final)" if i == final_index else "")
-            params = model.level_parameters(level)
-            report(("stage", f"timing level L{level}"))
-            t = time.perf_counter()
-            predict(
-                model,
-                request.data,
-                axes=request.axes,
-                channel=request.channel,
-                device=device,
-                level=level,
-                cancel=cancel,
-            )
-            seconds = f"{time.perf_counter() - t:.2f} s"
-        else:
-            name = "final" if i == final_index else f"output {i + 1}"
-            if n == 1:
-                name = "final (single output)"
-            params = model.info.parameters
-            seconds = f"{t_all:.2f} s (all)" if i == final_index else "—"
-        rows.append(
-            {
-                "output": name,
-                "parameters": f"{params:,}",
-                "time": seconds,
-                "Dice vs final": f"{dice(fg > 0.5, fg_final):.3f}",
-            }
-        )
-    stack = place(request, np.stack(maps).astype(np.float32), channels=True)
-    return {"stack": stack, "rows": rows, "seconds": time.perf_counter() - t0}
+    return side_outputs(
+        model, request.data, axes=request.axes, channel=request.channel, device=device,
+        progress=lambda done, total: report(Progress(done, total)),
+        stage=lambda text: report(Stage(text)), cancel=cancel,
+    )  # fmt: skip
 
 
 class InspectWidget(Panel):
@@ -335,8 +246,10 @@ class InspectWidget(Panel):
         set_status(self.weight_status, f"Computing the weight map of {layer.name!r}…")
 
         def work(report: Any, cancel: Any) -> tuple[np.ndarray, float]:
+            from ..pipeline import weight_map_stack
+
             t = time.perf_counter()
-            wmap = weight_map(labels, w0, sigma, balance)
+            wmap = weight_map_stack(labels, w0=w0, sigma=sigma, class_weights=balance)
             return wmap, time.perf_counter() - t
 
         def done(result: tuple[np.ndarray, float]) -> None:
@@ -442,17 +355,20 @@ class InspectWidget(Panel):
     def _side_progress(self, items: list[Any]) -> None:
         if not alive(self):
             return
-        for item in items:
-            if item[0] == "progress":
-                self.side_controls.fraction(item[1] / max(item[2], 1), f"{item[1]}/{item[2]} tiles")
-            elif item[0] == "stage":
-                self.side_controls.progress.setFormat(item[1])
+        for event in items:
+            match event:
+                case Progress(done, total):
+                    self.side_controls.fraction(done / max(total, 1), f"{done}/{total} tiles")
+                case Stage(text):
+                    self.side_controls.progress.setFormat(text)
+                case _:
+                    raise unexpected(event, "Inspect")
 
     def _label(self, model: Any) -> str:
         entry = self.state.entry_of(model)
         return entry.label if entry is not None else model.name
 
-    def _side_done(self, request: Any, model: Any, result: dict) -> None:
+    def _side_done(self, request: Any, model: Any, result: Any) -> None:
         src = request.source
         if src not in self.viewer.layers:
             return
@@ -460,15 +376,15 @@ class InspectWidget(Panel):
             self.viewer,
             output_key(src, "side outputs"),
             "image",
-            result["stack"],
+            place(request, result.maps, channels=True),
             name=f"{src.name} [{self._label(model)} side outputs]",
             scale=(1.0, *request.scale),
             translate=(0.0, *request.translate),
-            metadata={"napari_unet_outputs": [r["output"] for r in result["rows"]]},
+            metadata={"napari_unet_outputs": [r["output"] for r in result.rows]},
             colormap="inferno",
             contrast_limits=(0.0, 1.0),
         )
-        self.rows = result["rows"]
+        self.rows = result.rows
         if not alive(self):
             return
         self.table.setRowCount(len(self.rows))
@@ -479,7 +395,7 @@ class InspectWidget(Panel):
             self.side_status,
             f"{len(self.rows)} output{'s' if len(self.rows) != 1 else ''} (foreground "
             "probability, first axis of "
-            f"{self.side_layer.name!r}) in {result['seconds']:.1f} s.",
+            f"{self.side_layer.name!r}) in {result.seconds:.1f} s.",
             "ok",
         )
         self.side_controls.fraction(1.0, "done")

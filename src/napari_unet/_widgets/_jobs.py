@@ -1,9 +1,10 @@
 """Engine work in background threads that belong to a widget, with throttled progress.
 
 ``start_job(fn, owner=widget)`` runs ``fn(report, cancel)`` in a daemon thread.
-``report(item)`` may be called from the worker as often as the engine likes (per tile,
-per optimiser step): items are batched and delivered as a list to ``on_progress`` on the
-GUI thread at most every ``interval`` seconds (each repaint of a dock also recomposes
+``report(event)`` may be called from the worker as often as the engine likes (per tile,
+per optimiser step) with a typed :mod:`._events` message (``Progress(done, total)``,
+``Stage(text)``…; anything else raises at once): events are batched and delivered as a
+list to ``on_progress`` on the GUI thread at most every ``interval`` seconds (each repaint of a dock also recomposes
 the napari canvas, tens of milliseconds with software OpenGL). ``cancel`` is a
 :class:`threading.Event` the engine polls (within one tile batch / optimiser step).
 
@@ -15,8 +16,9 @@ are joined for at most :data:`EXIT_WAIT` seconds at interpreter exit (after bein
 cancelled), so closing napari never waits for a training budget and never aborts on a
 thread that still emits into deleted Qt objects.
 
-A job that is cancelled never calls ``on_done`` (``on_cancelled`` instead), even when the
-engine had already finished when Cancel was pressed.
+A job ends with one :class:`~._events.Outcome` (``Finished``, ``Failed``, ``Stopped``)
+sent to the GUI thread. A job that is cancelled never calls ``on_done`` (``on_cancelled``
+instead), even when the engine had already finished when Cancel was pressed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from qtpy.QtCore import QEvent, QObject, Signal
+
+from ._events import Event, Failed, Finished, Outcome, Stopped, UnknownEvent, check
 
 EXIT_WAIT = 1.5
 """Seconds the interpreter waits at exit for cancelled jobs to stop (then leaves them)."""
@@ -58,7 +63,8 @@ class _Reporter:
         self._last = 0.0
         self._lock = threading.Lock()
 
-    def __call__(self, item: Any, flush: bool = False) -> None:
+    def __call__(self, item: Event, flush: bool = False) -> None:
+        check(item)  # a bare tuple or dict fails in the worker, at once
         if self._job.dropped:
             return
         with self._lock:
@@ -108,6 +114,11 @@ class Job:
         self.dropped = True
         self.cancel_event.set()
 
+    def when_reported(self, fn: Callable[[list[Event]], None]) -> None:
+        """Also call ``fn(events)`` on the GUI thread with each batch of reported events
+        (after the handlers connected before; never once the job is dropped)."""
+        self.bridge.items.connect(lambda items: None if self.dropped else fn(items))
+
     def when_finished(self, fn: Callable[[], None]) -> None:
         """Also call ``fn()`` on the GUI thread when the job ends (not if dropped)."""
         self._finished.append(fn)
@@ -125,7 +136,7 @@ def start_job(
     *,
     owner: Any = None,
     viewer: Any = None,
-    on_progress: Callable[[list[Any]], None] | None = None,
+    on_progress: Callable[[list[Event]], None] | None = None,
     on_done: Callable[[Any], None] | None = None,
     on_error: Callable[[BaseException], None] | None = None,
     on_cancelled: Callable[[Any], None] | None = None,
@@ -135,8 +146,9 @@ def start_job(
 ) -> Job:
     """Run ``fn(report, cancel)`` in a thread; callbacks run on the GUI thread.
 
-    ``owner``: the widget the job belongs to (closing it drops the job); ``viewer``:
-    the napari viewer (closing it drops the job; taken from ``owner.viewer`` if absent).
+    ``report`` takes :class:`~._events.Event` instances only. ``owner``: the widget the
+    job belongs to (closing it drops the job); ``viewer``: the napari viewer (closing it
+    drops the job; taken from ``owner.viewer`` if absent).
     """
     if viewer is None and owner is not None:
         viewer = getattr(owner, "viewer", None)
@@ -148,59 +160,78 @@ def start_job(
     job = Job(owner, viewer, name or getattr(fn, "__name__", "job"))
     reporter = _Reporter(job, interval)
     if on_progress is not None:
-        job.bridge.items.connect(lambda items: None if job.dropped else on_progress(items))
-    cancelled = object()
-
-    def work() -> None:
-        outcome: tuple[str, Any]
-        try:
-            result = fn(reporter, job.cancel_event)
-            outcome = ("cancelled", result) if job.cancel_event.is_set() else ("done", result)
-        except BaseException as exc:  # noqa: BLE001 - reported on the GUI thread
-            if job.cancel_event.is_set():  # Cancelled, or anything the cancel provoked
-                outcome = ("cancelled", cancelled)
-            else:
-                outcome = ("error", exc)
-        finally:
-            reporter.flush()
-        if not job.dropped:
-            _emit(job.bridge.ended, outcome)
-        else:
-            with _LOCK:
-                _JOBS.discard(job)
-
-    def ended(outcome: tuple[str, Any]) -> None:
-        kind, payload = outcome
-        job.running = False
-        with _LOCK:
-            _JOBS.discard(job)
-        if job.dropped:
-            return
-        try:
-            if kind == "cancelled":
-                job.cancelled = True
-                if on_cancelled is not None:
-                    on_cancelled(None if payload is cancelled else payload)
-            elif kind == "done":
-                if on_done is not None:
-                    on_done(payload)
-            elif on_error is not None:
-                on_error(payload)
-            else:  # pragma: no cover - every widget passes on_error
-                from napari.utils.notifications import show_error
-
-                show_error(f"napari-unet: {payload}")
-        finally:
-            if not job.dropped:
-                for fn_ in ([on_finished] if on_finished else []) + job._finished:
-                    fn_()
-
-    job.bridge.ended.connect(ended)
+        job.when_reported(on_progress)
+    handlers = _Handlers(on_done, on_error, on_cancelled, on_finished)
+    job.bridge.ended.connect(lambda outcome: _ended(job, outcome, handlers))
     with _LOCK:
         _JOBS.add(job)
-    job.thread = threading.Thread(target=work, name=f"napari-unet {job.name}", daemon=True)
+    job.thread = threading.Thread(
+        target=_work, args=(job, fn, reporter), name=f"napari-unet {job.name}", daemon=True
+    )
     job.thread.start()
     return job
+
+
+@dataclass(frozen=True)
+class _Handlers:
+    on_done: Callable[[Any], None] | None
+    on_error: Callable[[BaseException], None] | None
+    on_cancelled: Callable[[Any], None] | None
+    on_finished: Callable[[], None] | None
+
+
+def _work(job: Job, fn: Callable[..., Any], reporter: _Reporter) -> None:
+    """The thread: run ``fn``, then hand its :class:`~._events.Outcome` to the GUI."""
+    outcome: Outcome
+    try:
+        result = fn(reporter, job.cancel_event)
+        outcome = Stopped(result) if job.cancel_event.is_set() else Finished(result)
+    except BaseException as exc:  # noqa: BLE001 - reported on the GUI thread
+        # Cancelled, or anything the cancel provoked
+        outcome = Stopped() if job.cancel_event.is_set() else Failed(exc)
+    finally:
+        reporter.flush()
+    if not job.dropped:
+        _emit(job.bridge.ended, outcome)
+    else:
+        with _LOCK:
+            _JOBS.discard(job)
+
+
+def _ended(job: Job, outcome: Outcome, handlers: _Handlers) -> None:
+    """On the GUI thread: the one callback of the outcome, then the finished ones.
+
+    Cancel pressed after the engine returned (its result still on the way) still
+    counts: the job is cancelled and ``on_done`` does not run."""
+    job.running = False
+    with _LOCK:
+        _JOBS.discard(job)
+    if job.dropped:
+        return
+    if isinstance(outcome, Finished) and job.cancel_event.is_set():
+        outcome = Stopped(outcome.result)
+    try:
+        match outcome:
+            case Stopped(result=result):
+                job.cancelled = True
+                if handlers.on_cancelled is not None:
+                    handlers.on_cancelled(result)
+            case Finished(result=result):
+                if handlers.on_done is not None:
+                    handlers.on_done(result)
+            case Failed(error=error):
+                if handlers.on_error is not None:
+                    handlers.on_error(error)
+                else:  # pragma: no cover - every widget passes on_error
+                    from napari.utils.notifications import show_error
+
+                    show_error(f"napari-unet: {error}")
+            case _:
+                raise UnknownEvent(f"a job ended with {outcome!r}, not an Outcome")
+    finally:
+        if not job.dropped:
+            for fn_ in ([handlers.on_finished] if handlers.on_finished else []) + job._finished:
+                fn_()
 
 
 def unwrap(obj: Any) -> Any:

@@ -23,145 +23,14 @@ from qtpy.QtWidgets import (
 
 from ._common import Panel, alive, set_status, status_label, term
 from ._jobs import Job, error_text, start_job
-from ._predict import model_line
-from ._state import ModelEntry, get_state
+from ._model_info import TERMS, describe, new_model_defaults, training_text, variant_defaults
+from ._state import ModelEntry, get_state, model_line
 
 WIDTH_KEYS = ("base_channels", "embed_dim")
 DEPTH_KEYS = ("depth",)
 CHECKPOINT_FILTER = "napari-unet checkpoints (*.safetensors)"
 LOAD_FILTER = "napari-unet checkpoints or bioimage.io packages (*.safetensors *.zip)"
 PACKAGE_FILTER = "bioimage.io model packages (*.zip)"
-
-
-def variant_defaults(name: str) -> dict[str, Any]:
-    """Config keys and defaults a variant accepts (engine import: call off start-up)."""
-    from ..models import config_defaults
-
-    return config_defaults(name)
-
-
-TERMS = {
-    "variant": "The network architecture (U-Net, UNet++, UNet 3+, U²-Net, Swin-UNet…)",
-    "config": "Settings the network was built with (width, depth, normalisation…)",
-    "channels in → classes": "Image channels the network reads → classes it outputs per "
-    "pixel (background / interior / boundary separates touching nuclei)",
-    "parameters": "Number of learned weights: a measure of the network's size",
-    "border": "Pixels lost on each side by unpadded (valid) convolutions: the paper's U-Net "
-    "outputs a smaller image than its input (0 for padded networks)",
-    "size divisor": "Image sizes are padded to a multiple of this (the network halves the "
-    "image this many times over)",
-    "receptive field": "How far (in pixels) the network looks around each pixel to decide",
-    "deep-supervision outputs": "Extra predictions from inside the network (side outputs), "
-    "shown in the Inspect section",
-    "exact tiling": "Whether predicting in tiles gives exactly the whole-image result",
-    "UNet++ levels": "UNet++ can be cut to a smaller network (level L): parameters per level",
-    "device": "Where the network runs (CPU or GPU)",
-    "training": "How this model was trained in this viewer",
-    "runtime": "The engine that computes predictions: OpenVINO on the CPU (several times "
-    "faster than plain PyTorch; the first prediction with a new model converts it once), "
-    "PyTorch on a GPU",
-}
-
-
-def training_text(summary: dict[str, Any] | None) -> str:
-    """The training summary in words (images, regions, objects, pixels, steps, validation).
-
-    Reads the widget's summary keys (``images``…) or a checkpoint's (``data_images``…)."""
-    if not summary:
-        return ""
-
-    def get(key: str) -> Any:
-        value = summary.get("data_" + key)
-        return summary.get(key) if value is None else value
-
-    def count(n: Any, word: str) -> str | None:
-        return f"{n:,} {word}{'s' if n != 1 else ''}" if isinstance(n, int) else None
-
-    words = [count(get(k), k[:-1]) for k in ("images", "regions", "objects", "pixels")]
-    parts = [", ".join(w for w in words if w)] if any(words) else []
-    if summary.get("steps") is not None:
-        parts.append(f"{summary['steps']} steps")
-    if summary.get("seconds") is not None:
-        parts.append(f"{float(summary['seconds']):.0f} s")
-    if summary.get("val_f1") is not None:
-        n = summary.get("val_objects")
-        on = f" on {n} objects" if n else ""
-        parts.append(f"validation F1@0.5 {summary['val_f1']:.2f}{on}")
-    elif summary.get("validation") is not None:
-        parts.append("no validation score")
-    return "; ".join(parts)
-
-
-def new_model_defaults(state: Any, defaults: dict[str, Any], name: str) -> dict[str, Any]:
-    """Config defaults for a new ``name`` network: the bundled net's width/depth where one
-    of this variant is in the list (for U-Net: the bundled default's shape), else the
-    variant's own ``defaults``."""
-    from ..demo import FALLBACK_CONFIG, FALLBACK_VARIANT
-
-    out = dict(defaults)
-    bundled = next(
-        (
-            e.model
-            for e in state.entries
-            if e.kind == "bundled" and e.model is not None and e.model.name == name
-        ),
-        None,
-    )
-    if bundled is not None:
-        out.update({k: v for k, v in bundled.config.items() if k in out})
-    elif name == FALLBACK_VARIANT:
-        out.update(FALLBACK_CONFIG)
-    return out
-
-
-def runtime_text(model: Any, device: str) -> str:
-    """Which inference runtime predictions of ``model`` use here, and how to get faster."""
-    from ..inference.backends import resolve_runtime
-    from ..runtime import cpu_has_bf16, select_device
-
-    try:
-        dev, _ = select_device(device)
-        name, why = resolve_runtime(dev)
-    except ValueError as exc:
-        return f"unavailable: {exc}"
-    if name == "openvino":
-        precision = "bf16 (this CPU has bf16 units)" if cpu_has_bf16() else "f32"
-        return f"{why}, {precision}; exported once per model and window, then cached"
-    return why
-
-
-def describe(model: Any, device: str) -> dict[str, str]:
-    """Rows of the info panel (engine import; run in a worker: measures the RF once)."""
-    from ..postprocess import default_class_names
-    from ..runtime import select_device
-
-    info = model.info
-    try:
-        _, why = select_device(device)
-    except ValueError as exc:
-        why = f"unavailable: {exc}"
-    classes = getattr(model, "class_names", None) or default_class_names(model.num_classes)
-    rows = {
-        "variant": model.name,
-        "config": ", ".join(f"{k}={v}" for k, v in model.config.items()),
-        "channels in → classes": f"{model.in_channels} → {model.num_classes} ({', '.join(classes)})",
-        "parameters": f"{info.parameters:,}",
-        "border": f"{info.border} px",
-        "size divisor": str(info.size_divisor),
-        "receptive field": f"radius {info.receptive_field} px",
-        "deep-supervision outputs": str(info.deep_supervision_outputs),
-        "exact tiling": "yes" if info.tile_exact else "no (Gaussian-blended tiles)",
-        "device": why,
-        "runtime": runtime_text(model, device),
-    }
-    summary = getattr(model, "training_summary", None)
-    if summary:
-        rows["training"] = training_text(summary)
-    if hasattr(model, "level_parameters"):
-        rows["UNet++ levels"] = ", ".join(
-            f"L{L}: {model.level_parameters(L):,}" for L in range(1, model.depth + 1)
-        )
-    return rows
 
 
 class ModelWidget(Panel):
@@ -535,7 +404,7 @@ class ModelWidget(Panel):
             return None
 
         def work(report: Any, cancel: Any) -> Any:
-            from ..checkpoint import load_model
+            from ..loader import load_model  # a checkpoint or a bioimage.io package
 
             model = load_model(path)
             model.info  # noqa: B018
@@ -557,7 +426,7 @@ class ModelWidget(Panel):
         path = Path(path)
         if path.suffix == "":
             path = path.with_suffix(".safetensors")
-        training = getattr(model, "training_summary", None)
+        training = model.training_summary
 
         def work(report: Any, cancel: Any) -> Path:
             from ..checkpoint import save_model

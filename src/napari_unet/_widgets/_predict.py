@@ -6,7 +6,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -29,238 +28,17 @@ from ._common import (
     set_status,
     status_label,
     term,
-    write_output,
 )
-from ._geometry import Request, is_stack, make_request, place
+from ._events import ModelLoaded, PostProgress, Progress, Stage, unexpected
+from ._geometry import Request, is_stack, make_request
 from ._jobs import Job, error_text, start_job
-from ._state import get_state
+from ._prediction import run_prediction, write_results
+from ._state import get_state, model_line
 
 LABEL_MODES = {"instance labels": "instance", "semantic labels": "semantic", "no labels": None}
 DEVICES = ("auto", "cpu", "cuda")
 TILES_SHARE = 0.9
 """Share of the progress bar for the network (tiles); post-processing takes the rest."""
-
-
-def model_line(state: Any, short: bool = False) -> tuple[str, str]:
-    """(text, status kind) describing the state's model for the widgets' headers."""
-    if state.model is None:
-        return ("Model: loading…" if state.loading else "Model: none", "info")
-    text = f"Model: {state.label} — {state.source}"
-    if not state.untrained:
-        return text, "info"
-    return (text if short else text + " (untrained: results are not meaningful)"), "warn"
-
-
-def cpu_threads(device: Any) -> Any:
-    """Context applying :func:`napari_unet.runtime.torch_threads` for CPU work (else nothing)."""
-    import contextlib
-
-    from ..runtime import torch_threads
-
-    return (
-        torch_threads(None)
-        if getattr(device, "type", str(device)) == "cpu"
-        else (contextlib.nullcontext())
-    )
-
-
-def run_prediction(
-    model: Any,
-    request: Request,
-    *,
-    labels_mode: str | None,
-    probabilities: bool,
-    device: str = "auto",
-    tile_size: int | None = None,
-    batch_size: int | None = None,
-    level: int | None = None,
-    previous: dict[str, Any] | None = None,
-    report: Any = None,
-    cancel: Any = None,
-    objects_3d: bool = False,
-) -> dict[str, Any]:
-    """Engine part of a prediction (runs in the worker thread): probabilities → labels.
-
-    ``objects_3d``: instance labels of a (Z, Y, X) stack made in 3-D (one object per
-    nucleus across planes, voxel size from the layer's scale) instead of plane by plane.
-    """
-    from ..inference.predict import predict
-    from ..postprocess import default_class_names
-    from ..runtime import Cancelled, select_device
-
-    previous = previous or {}
-    dev, why = select_device(device)
-    if report is not None:
-        report(("stage", f"predicting on {why}"))
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if report is not None:
-            report(("progress", done, total))
-
-    with cpu_threads(dev):  # the engine's thread policy (runtime.choose_threads)
-        probs = predict(
-            model,
-            request.data,
-            axes=request.axes,
-            channel=request.channel,
-            tile_size=tile_size,
-            batch_size=batch_size,
-            device=dev,
-            level=level,
-            progress=progress,
-            cancel=cancel,
-        )
-    seconds = time.perf_counter() - t0
-    names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
-    out: dict[str, Any] = {"seconds": seconds, "device": why, "class_names": names}
-    if labels_mode is not None and objects_3d and labels_mode == "instance":
-        labels = _segment_volume(probs, names, request, report)
-    elif labels_mode is not None:
-        labels = _segment_planes(probs, labels_mode, names, report, cancel)
-    if labels_mode is not None:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled")
-        out["labels"] = place(
-            request, labels, previous.get("labels"), relabel=labels_mode == "instance"
-        )
-        out["n_labels"] = int(labels.max()) if labels.size else 0
-    if probabilities:
-        out["probabilities"] = place(request, probs, previous.get("probabilities"), channels=True)
-    out["total_seconds"] = time.perf_counter() - t0
-    return out
-
-
-def _segment_volume(probs: np.ndarray, names: list[str], request: Any, report: Any) -> np.ndarray:
-    """3-D instance labels of (C, Z, Y, X) probabilities, spacing from the layer's scale."""
-    from ..volume import segment_volume
-
-    if probs.ndim != 4:
-        raise ValueError(
-            "3-D objects need a (Z, Y, X) stack; this image gives "
-            f"{probs.ndim - 1}-D probabilities (untick '3-D objects' or pick one time point)"
-        )
-    if report is not None:
-        report(("post", 0, 1))
-    spacing = tuple(float(s) for s in request.scale[-3:])
-    labels = segment_volume(probs, class_names=names, spacing=spacing)
-    if report is not None:
-        report(("post", 1, 1))
-    return labels
-
-
-def _segment_planes(
-    probs: np.ndarray, mode: str, names: list[str], report: Any, cancel: Any
-) -> np.ndarray:
-    """Labels of (C, *leading, Y, X) probabilities, plane by plane with progress."""
-    from ..postprocess import segment
-    from ..runtime import Cancelled
-
-    lead = probs.shape[1:-2]
-    planes = list(np.ndindex(*lead)) if lead else [()]
-    if report is not None:
-        report(("post", 0, len(planes)))
-    if not lead:
-        labels = segment(probs, mode=mode, class_names=names)
-        if report is not None:
-            report(("post", 1, 1))
-        return labels
-    labels = None
-    top = 0
-    for i, idx in enumerate(planes):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("cancelled")
-        plane = segment(probs[(slice(None), *idx)], mode=mode, class_names=names)
-        if labels is None:
-            labels = np.zeros(lead + plane.shape, plane.dtype)
-        if mode == "instance":  # ids unique over the stack, as segment() gives them
-            plane = np.where(plane > 0, plane + top, 0).astype(plane.dtype)
-            top = max(top, int(plane.max()))
-        labels[idx] = plane
-        if report is not None:
-            report(("post", i + 1, len(planes)))
-    return labels
-
-
-def result_name(source_name: str, label: str, run: int, kind: str = "") -> str:
-    """``nuclei [unetpp #2]``, ``nuclei [unetpp #2 probabilities]``."""
-    return f"{source_name} [{label} #{run}{' ' + kind if kind else ''}]"
-
-
-def write_results(
-    viewer: Any,
-    request: Request,
-    model: Any,
-    result: dict[str, Any],
-    labels_mode: str | None,
-    *,
-    label: str | None = None,
-    run: int | None = None,
-    replace: bool = False,
-) -> dict[str, Any]:
-    """New layers for a finished prediction, by kind (``replace``: the last ones' data).
-
-    Named by source, model and run (``nuclei [unet #3]``), visible, the labels selected.
-    """
-    from ._state import get_state
-
-    src = request.source
-    state = get_state(viewer)
-    label = label or model.name
-    run = run if run is not None else state.next_run()
-    written: dict[str, Any] = {}
-    info = {
-        "napari_unet_model": model.name,
-        "napari_unet_model_label": label,
-        "napari_unet_run": run,
-        "napari_unet_classes": result["class_names"],
-    }
-    if "probabilities" in result:
-        probs = result["probabilities"]
-        existed = replace and find_output(viewer, output_key(src, "probabilities")) is not None
-        src_labels = tuple(src.axis_labels)
-        dims = src_labels[-(probs.ndim - 1) :] if len(src_labels) >= probs.ndim - 1 else ()
-        extra = {"axis_labels": ("class", *dims)} if dims else {}
-        written["probabilities"] = write_output(
-            viewer,
-            output_key(src, "probabilities"),
-            "image",
-            probs,
-            name=result_name(src.name, label, run, "probabilities"),
-            scale=(1.0, *request.scale),
-            translate=(0.0, *request.translate),
-            metadata=info,
-            colormap="magma",
-            contrast_limits=(0.0, 1.0),
-            blending="additive",
-            visible=True,
-            replace=replace,
-            select=True,
-            **extra,
-        )
-        if not existed and probs.shape[0] > 1:
-            # show the first foreground class rather than the background on the class slider
-            names = result["class_names"]
-            first = next((i for i, n in enumerate(names) if n != "background"), 0)
-            axis = viewer.dims.ndim - probs.ndim
-            if axis >= 0:
-                viewer.dims.set_current_step(axis, first)
-    if "labels" in result:
-        kind = f"{labels_mode} labels"
-        suffix = "" if labels_mode == "instance" else "semantic"
-        written["labels"] = write_output(
-            viewer,
-            output_key(src, kind),
-            "labels",
-            result["labels"].astype(np.uint32, copy=False),
-            name=result_name(src.name, label, run, suffix),
-            scale=request.scale,
-            translate=request.translate,
-            metadata=info,
-            replace=replace,
-            select=True,
-        )
-    return written
 
 
 class PredictWidget(Panel):
@@ -388,7 +166,7 @@ class PredictWidget(Panel):
         text, kind = model_line(self.state)
         set_status(self.model_label, text, kind)
         model = self.state.model
-        depth = getattr(model, "depth", 0) if hasattr(model, "level_parameters") else 0
+        depth = model.levels if model is not None else 0
         self.level.setRange(0, depth)
         if model is not None:  # the engine is loaded: show its defaults
             from ..inference.plan import DEFAULT_BATCH, DEFAULT_TILE
@@ -413,7 +191,7 @@ class PredictWidget(Panel):
         if not alive(self):
             return
         model = self.state.model
-        self.level.setEnabled(model is not None and hasattr(model, "level_parameters"))
+        self.level.setEnabled(model is not None and model.supports_levels)
         layer = self.image.layer()
         in_ch = model.in_channels if model is not None else 1
         self.channels.update_for(layer, in_ch)
@@ -509,7 +287,7 @@ class PredictWidget(Panel):
                 from ._state import load_default_or_fallback
 
                 m, source, untrained = load_default_or_fallback()
-                report(("model", m, source, untrained))
+                report(ModelLoaded(m, source, untrained))
             return m, run_prediction(
                 m, request, previous=previous, report=report, cancel=cancel, **options
             )
@@ -539,23 +317,25 @@ class PredictWidget(Panel):
     def _on_progress(self, items: list[Any]) -> None:
         if not alive(self):
             return
-        for item in items:
-            if item[0] == "progress":
-                done, total = item[1], item[2]
-                self.controls.fraction(
-                    TILES_SHARE * done / max(total, 1), f"network: {done}/{total} tiles"
-                )
-            elif item[0] == "post":
-                done, total = item[1], item[2]
-                plane = f" {done}/{total}" if total > 1 else ""
-                self.controls.fraction(
-                    TILES_SHARE + (1 - TILES_SHARE) * done / max(total, 1),
-                    f"separating objects{plane}…" if done < total else "adding layers…",
-                )
-            elif item[0] == "stage":
-                set_status(self.status, item[1][:1].upper() + item[1][1:] + "…")
-            elif item[0] == "model" and self.state.model is None:
-                self.state.set_model(item[1], item[2], untrained=item[3])
+        for event in items:
+            match event:
+                case Progress(done, total):
+                    self.controls.fraction(
+                        TILES_SHARE * done / max(total, 1), f"network: {done}/{total} tiles"
+                    )
+                case PostProgress(done, total):
+                    plane = f" {done}/{total}" if total > 1 else ""
+                    self.controls.fraction(
+                        TILES_SHARE + (1 - TILES_SHARE) * done / max(total, 1),
+                        f"separating objects{plane}…" if done < total else "adding layers…",
+                    )
+                case Stage(text):
+                    set_status(self.status, text[:1].upper() + text[1:] + "…")
+                case ModelLoaded(model, source, untrained):
+                    if self.state.model is None:
+                        self.state.set_model(model, source, untrained=untrained)
+                case _:
+                    raise unexpected(event, "Predict")
 
     def _on_done(
         self,

@@ -136,9 +136,7 @@ class ModelState:
                 kind=kind,
                 model=model,
                 untrained=bool(untrained),
-                summary=summary
-                if summary is not None
-                else getattr(model, "training_summary", None),
+                summary=summary if summary is not None else model.training_summary,
             )
             self.entries.append(entry)
             self.models_changed.emit()
@@ -360,7 +358,7 @@ def load_default_or_fallback() -> tuple[Any, str, bool]:
     """(model, source, untrained): the bundled model, else an untrained 3-class U-Net.
 
     Runs in a worker (imports torch); also computes ``model.info`` (receptive field)."""
-    from ..demo import default_or_fallback
+    from ..pipeline import default_or_fallback
 
     model, source, untrained = default_or_fallback()
     if not untrained:
@@ -368,6 +366,16 @@ def load_default_or_fallback() -> tuple[Any, str, bool]:
         model.bundled_name = model.name if model.name in names or not names else names[0]
         source = bundled_source(model.bundled_name)
     return model, source, untrained
+
+
+def model_line(state: ModelState, short: bool = False) -> tuple[str, str]:
+    """(text, status kind) describing the state's model for the widgets' headers."""
+    if state.model is None:
+        return ("Model: loading…" if state.loading else "Model: none", "info")
+    text = f"Model: {state.label} — {state.source}"
+    if not state.untrained:
+        return text, "info"
+    return (text if short else text + " (untrained: results are not meaningful)"), "warn"
 
 
 def get_state(viewer: Any) -> ModelState:

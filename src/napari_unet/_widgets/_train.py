@@ -10,10 +10,8 @@ joins the model list; its prediction is added as new layers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -38,11 +36,17 @@ from ._common import (
     status_label,
     term,
 )
-from ._geometry import layer_array, leading_count, make_request
+from ._events import Epoch, PostProgress, Stage, Step, TrainStarted, unexpected
+from ._geometry import make_request
 from ._jobs import Job, error_text, start_job
 from ._plot import LossPlot
-from ._predict import model_line, run_prediction, write_results
-from ._state import get_state
+from ._prediction import write_results
+from ._state import get_state, model_line
+from ._train_data import DataEntry, engine_entries, rectangle_roi, rectangle_rois, training_arrays
+from ._train_job import TrainPlan, fresh_config, setup_work, train_work
+from ._train_text import model_summary, result_text, summary_line, val_name
+
+__all__ = ["DataEntry", "TrainWidget", "rectangle_roi", "rectangle_rois", "training_arrays"]
 
 CURRENT = "current model (fine-tune a copy)"
 FRESH_PREFIX = "new "
@@ -56,123 +60,6 @@ VALIDATION = {
     "a region of its own": "regions",
 }
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def rectangle_rois(shapes: Any, image: Any) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) in ``image`` data pixels of every rectangle of ``shapes``.
-
-    Rectangles outside the image (or under 4×4 px inside it) are skipped; none left is
-    an error."""
-    types = list(shapes.shape_type)
-    if "rectangle" not in types:
-        raise ValueError(f"{shapes.name!r} has no rectangle; draw one (a training region)")
-    shape = layer_array(image).shape
-    h, w = shape[-3:-1] if image.rgb else shape[-2:]
-    rois = []
-    for kind, data in zip(types, shapes.data):
-        if kind != "rectangle":
-            continue
-        vertices = np.asarray(data, dtype=float)
-        pts = np.array([image.world_to_data(shapes.data_to_world(v)) for v in vertices])
-        ys, xs = pts[:, -2], pts[:, -1]
-        y0, y1 = max(0, int(np.floor(ys.min()))), min(h, int(np.ceil(ys.max())))
-        x0, x1 = max(0, int(np.floor(xs.min()))), min(w, int(np.ceil(xs.max())))
-        if y1 - y0 >= 4 and x1 - x0 >= 4:
-            rois.append((y0, y1, x0, x1))
-    if not rois:
-        raise ValueError(
-            f"every rectangle of {shapes.name!r} is outside {image.name!r} or smaller than 4×4 px"
-        )
-    return rois
-
-
-def rectangle_roi(shapes: Any, image: Any) -> tuple[int, int, int, int]:
-    """The first rectangle of :func:`rectangle_rois`."""
-    return rectangle_rois(shapes, image)[0]
-
-
-def training_arrays(
-    viewer: Any,
-    image: Any,
-    labels: Any,
-    in_channels: int,
-    channels: bool | None = None,
-    channel: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(image (Y,X) or (C,Y,X), labels (Y,X), note) — the displayed plane of stacks; a Z-stack
-    annotated in 3-D gives the whole stack ((Z,[C],Y,X), (Z,Y,X)): the engine trains on every
-    plane that has annotations."""
-    n_lead, channel_axis = leading_count(image, in_channels, channels)
-    img = layer_array(image)
-    note = ""
-    lab3 = labels.data
-    if n_lead == 1 and not image.rgb and lab3.ndim == 3 and lab3.shape[0] == img.shape[0]:
-        stack = np.asarray(img)
-        if channel is not None and stack.ndim == 4:
-            stack = stack[:, channel]
-        lab3 = np.array(lab3, copy=True)  # a snapshot
-        if lab3.shape[-2:] != stack.shape[-2:]:
-            raise ValueError(
-                f"labels {labels.name!r} are {lab3.shape[-2]}×{lab3.shape[-1]} but the image "
-                f"planes are {stack.shape[-2]}×{stack.shape[-1]}"
-            )
-        planes = int(sum(bool(p.any()) for p in lab3))
-        return stack, lab3, f" ({planes} annotated plane{'s' if planes != 1 else ''})"
-    if n_lead:
-        point = np.asarray(image.world_to_data(viewer.dims.point))
-        index = tuple(int(np.clip(round(point[d]), 0, img.shape[d] - 1)) for d in range(n_lead))
-        img = img[index]
-        note = f" (slice {index})"
-    img = np.asarray(img)
-    if image.rgb:
-        img = np.moveaxis(img, -1, 0)
-    if channel is not None and img.ndim == 3:
-        img = img[channel]
-    lab = labels.data
-    if lab.ndim > 2:
-        point = np.asarray(labels.world_to_data(viewer.dims.point))
-        index = tuple(
-            int(np.clip(round(point[d]), 0, lab.shape[d] - 1)) for d in range(lab.ndim - 2)
-        )
-        lab = lab[index]
-    lab = np.array(lab, copy=True)  # a snapshot: painting during training changes nothing
-    if lab.shape != img.shape[-2:]:
-        raise ValueError(
-            f"labels {labels.name!r} are {lab.shape[0]}×{lab.shape[1]} but the image plane is "
-            f"{img.shape[-2]}×{img.shape[-1]}"
-        )
-    return img, lab, note
-
-
-@dataclass(eq=False)
-class DataEntry:
-    """One row of the training list: layers (read when training starts)."""
-
-    image: Any
-    labels: Any
-    regions: Any = None
-    val_regions: Any = None
-    channels: bool | None = None
-    channel: int | None = None
-
-    def describe(self) -> str:
-        where = (
-            f"rectangles of {self.regions.name!r}"
-            if self.regions is not None
-            else ("annotated area")
-        )
-        text = f"{self.image.name} + {self.labels.name}, {where}"
-        if self.val_regions is not None:
-            text += f"; validation: {self.val_regions.name!r}"
-        return text
-
-
-def _warm_up_optimizer() -> None:
-    """Create a torch optimizer once: the first one imports torch._dynamo (seconds, and
-    GIL-heavy), which would otherwise happen on the first click on Train."""
-    import torch
-
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
 
 class TrainWidget(Panel):
@@ -376,16 +263,6 @@ class TrainWidget(Panel):
 
     # ------------------------------------------------------------------ setup
     def _start_engine(self) -> None:
-        def work(report: Any, cancel: Any) -> tuple[list[str], list[tuple[str, str]], dict]:
-            from ..models import list_models
-            from ..training.losses import get_loss, list_losses
-            from ._model import variant_defaults
-
-            names = list_models()
-            losses = [(n, get_loss(n).description) for n in list_losses()]
-            _warm_up_optimizer()
-            return names, losses, {n: variant_defaults(n) for n in names}
-
         def done(result: tuple[list[str], list[tuple[str, str]], dict]) -> None:
             if not alive(self):
                 return
@@ -399,10 +276,16 @@ class TrainWidget(Panel):
                 self.loss.setItemData(i, description, 3)  # Qt.ToolTipRole
             self.loss.setCurrentText(current)
 
-        start_job(work, owner=self, on_done=done, on_error=self._on_error, name="train setup")
+        start_job(
+            lambda report, cancel: setup_work(),
+            owner=self,
+            on_done=done,
+            on_error=self._on_error,
+            name="train setup",
+        )
 
     def _fresh_defaults(self, name: str) -> dict[str, Any]:
-        from ._model import new_model_defaults
+        from ._model_info import new_model_defaults
 
         return new_model_defaults(self.state, self._defaults.get(name, {}), name)
 
@@ -500,35 +383,8 @@ class TrainWidget(Panel):
             "precision": self.precision.currentText(),
         }
 
-    def _engine_entries(self, entries: list[DataEntry], in_ch: int) -> tuple[list[Any], str]:
-        """(TrainingEntry-like tuples, note) from the layers, read now (GUI thread)."""
-        out, notes = [], []
-        self.last_rois = []
-        for e in entries:
-            img, lab, note = training_arrays(
-                self.viewer, e.image, e.labels, in_ch, e.channels, e.channel
-            )
-            rois = rectangle_rois(e.regions, e.image) if e.regions is not None else None
-            val = rectangle_rois(e.val_regions, e.image) if e.val_regions is not None else []
-            self.last_rois.append(rois)
-            out.append(
-                {
-                    "image": img,
-                    "labels": lab,
-                    "regions": rois,
-                    "val_regions": val,
-                    "name": e.image.name,
-                }
-            )
-            if note:
-                notes.append(e.image.name + note)
-        return out, "; ".join(notes)
-
-    def run(self) -> Job | None:
-        """Start training a copy of the current (or a new) model; returns the job."""
-        if self.job is not None and self.job.running:
-            return None
-        self.timings = {"clicked": time.perf_counter()}
+    def _entries_to_train(self) -> list[DataEntry] | None:
+        """The training list (or the selection above it), None with the reason shown."""
         entries = list(self.entries)
         if not entries:
             current = self.current_entry()
@@ -536,8 +392,7 @@ class TrainWidget(Panel):
                 set_status(self.status, "Choose an image and an annotation layer.", "warn")
                 return None
             entries = [current]
-        settings = self.settings()
-        if settings["validation"] == "regions" and not any(
+        if VALIDATION[self.validation.currentText()] == "regions" and not any(
             e.val_regions is not None for e in entries
         ):
             set_status(
@@ -547,16 +402,20 @@ class TrainWidget(Panel):
                 "warn",
             )
             return None
+        return entries
+
+    def _plan(self, entries: list[DataEntry]) -> tuple[TrainPlan, str] | None:
+        """What to train (read from the controls and layers now), and a note; None with
+        the reason shown."""
         start = self.start_from.currentText()
         base = self.state.model
-        base_entry = self.state.current
         if start == CURRENT and base is None:
             set_status(self.status, "The model is still loading; try again in a moment.", "warn")
             return None
         fresh = start[len(FRESH_PREFIX) :] if start.startswith(FRESH_PREFIX) else None
         in_ch = base.in_channels if base is not None and fresh is None else 1
         try:
-            data, note = self._engine_entries(entries, in_ch)
+            data, self.last_rois, note = engine_entries(self.viewer, entries, in_ch)
             target = entries[0]
             request = (
                 make_request(
@@ -574,55 +433,30 @@ class TrainWidget(Panel):
             set_status(self.status, str(exc), "error")
             return None
         self.last_roi = (self.last_rois[0] or [None])[0] if self.last_rois else None
-        device = self.state.device
-        fresh_cfg: dict[str, Any] = {}
-        if fresh is not None:
-            defaults = self._defaults.get(fresh, {})
-            for key in ("base_channels", "embed_dim"):
-                if key in defaults:
-                    fresh_cfg[key] = self.width.value()
-            if "depth" in defaults:
-                fresh_cfg["depth"] = self.depth.value()
-        classes = base.num_classes if base is not None else 3
-        first_image, first_labels = data[0]["image"], data[0]["labels"]
-        if first_labels.ndim == 3:  # a Z-stack: (Z, Y, X) or (Z, C, Y, X)
-            fresh_in = int(first_image.shape[1]) if first_image.ndim == 4 else 1
-        else:
-            fresh_in = int(first_image.shape[0]) if first_image.ndim == 3 else 1
+        defaults = self._defaults.get(fresh, {}) if fresh is not None else {}
+        plan = TrainPlan(
+            data=data,
+            settings=self.settings(),
+            device=self.state.device,
+            base=base if fresh is None else None,
+            fresh=fresh,
+            fresh_config=fresh_config(defaults, self.width.value(), self.depth.value()),
+            classes=base.num_classes if base is not None else 3,
+            request=request,
+        )
+        return plan, note
 
-        def work(report: Any, cancel: Any) -> tuple[Any, Any, Any]:
-            import copy
-
-            from ..training import TrainingEntry, train
-
-            if fresh is None:
-                model = copy.deepcopy(base)  # Cancel or failure never touch the listed model
-            else:
-                from ..models import build_model
-
-                model = build_model(fresh, fresh_in, classes, **fresh_cfg)
-            history = train(
-                model,
-                [TrainingEntry(**d) for d in data],
-                device=device,
-                callback=lambda ev: report(("train", ev)),
-                cancel=cancel,
-                **settings,
-            )
-            prediction = None
-            if request is not None and not history.cancelled and not cancel.is_set():
-                report(("stage", "predicting"))
-                prediction = run_prediction(
-                    model,
-                    request,
-                    labels_mode="instance",
-                    probabilities=False,
-                    device=device,
-                    report=lambda item: report(item) if item[0] == "post" else None,
-                    cancel=cancel,
-                )
-            return model, history, prediction
-
+    def run(self) -> Job | None:
+        """Start training a copy of the current (or a new) model; returns the job."""
+        if self.job is not None and self.job.running:
+            return None
+        self.timings = {"clicked": time.perf_counter()}
+        entries = self._entries_to_train()
+        planned = self._plan(entries) if entries is not None else None
+        if planned is None:
+            return None
+        plan, note = planned
+        base_entry = self.state.current
         self.plot.clear()
         self.history = self.summary = None
         self.controls.busy(True)
@@ -630,10 +464,10 @@ class TrainWidget(Panel):
         names = ", ".join(dict.fromkeys(e.image.name for e in entries))
         set_status(self.status, f"Preparing {names}{' (' + note + ')' if note else ''}…")
         self.job = start_job(
-            work,
+            lambda report, cancel: train_work(plan, report, cancel),
             owner=self,
             on_progress=self._on_progress,
-            on_done=lambda res: self._on_done(request, fresh, base_entry, settings, *res),
+            on_done=lambda res: self._on_done(plan.request, plan.fresh, base_entry, *res),
             on_error=self._on_error,
             on_cancelled=self._on_cancelled,
             on_finished=self._on_finished,
@@ -652,74 +486,52 @@ class TrainWidget(Panel):
         if not alive(self):
             return
         last_step = None
-        for item in items:
-            if item[0] == "stage":
-                set_status(
-                    self.status, self._summary_line() + item[1][:1].upper() + item[1][1:] + "…"
-                )
-                self.controls.fraction(1.0, item[1])
-                continue
-            if item[0] == "post":
-                self.controls.fraction(1.0, "separating objects…")
-                continue
-            ev = item[1]
-            if ev["kind"] == "start":
-                self.summary = ev["summary"]
-                self.plot.set_validation(self._val_name(), self.summary.scored)
-                set_status(self.status, "Training on " + self.summary.describe())
-            elif ev["kind"] == "step":
-                self.timings.setdefault("first_step", time.perf_counter())
-                self.plot.add_loss(ev["step"], ev["loss"])
-                last_step = ev
-            elif ev["kind"] == "epoch":
-                self.plot.add_val(
-                    ev.get("step", self.plot.steps[-1] if self.plot.steps else 0), ev.get("val_f1")
-                )
-                f1 = ev.get("val_f1")
-                score = f", {self._val_name()} {f1:.2f}" if f1 is not None else ""
-                loss = ev.get("loss")
-                loss_text = f"loss {loss:.3f}" if loss is not None else ""
-                set_status(
-                    self.status, self._summary_line() + f"Epoch {ev['epoch']}: {loss_text}{score}"
-                )
+        for event in items:
+            match event:
+                case Stage(text):
+                    set_status(
+                        self.status, self._summary_line() + text[:1].upper() + text[1:] + "…"
+                    )
+                    self.controls.fraction(1.0, text)
+                case PostProgress():
+                    self.controls.fraction(1.0, "separating objects…")
+                case TrainStarted(summary):
+                    self.summary = summary
+                    self.plot.set_validation(self._val_name(), summary.scored)
+                    set_status(self.status, "Training on " + summary.describe())
+                case Step():
+                    self.timings.setdefault("first_step", time.perf_counter())
+                    self.plot.add_loss(event.step, event.loss)
+                    last_step = event
+                case Epoch():
+                    self._show_epoch(event)
+                case _:
+                    raise unexpected(event, "Train")
         if last_step is not None:
-            total = last_step.get("total_steps")
-            of = f"/{total}" if total else ""
+            of = f"/{last_step.total_steps}" if last_step.total_steps else ""
             self.controls.fraction(
-                last_step["fraction"],
-                f"step {last_step['step']}{of}, {last_step['elapsed']:.0f} s",
+                last_step.fraction, f"step {last_step.step}{of}, {last_step.elapsed:.0f} s"
             )
         self.plot.update()
 
-    def _val_name(self) -> str:
-        from ..training.data import MIN_VAL_OBJECTS
+    def _show_epoch(self, ev: Epoch) -> None:
+        step = ev.step if ev.step is not None else (self.plot.steps[-1] if self.plot.steps else 0)
+        self.plot.add_val(step, ev.val_f1)
+        score = f", {self._val_name()} {ev.val_f1:.2f}" if ev.val_f1 is not None else ""
+        loss_text = f"loss {ev.loss:.3f}" if ev.loss is not None else ""
+        set_status(self.status, self._summary_line() + f"Epoch {ev.epoch}: {loss_text}{score}")
 
-        s = self.summary
-        if s is None:
-            return "validation"
-        if s.validation == "none":
-            return "no validation (none chosen)"
-        if not s.scored:
-            return f"no validation score: {s.val_objects} objects, fewer than {MIN_VAL_OBJECTS}"
-        where = "held-out" if s.validation == "objects" else "validation-region"
-        return f"F1@0.5 on {s.val_objects} {where} objects"
+    def _val_name(self) -> str:
+        return val_name(self.summary)
 
     def _summary_line(self) -> str:
-        s = self.summary
-        if s is None:
-            return ""
-        return (
-            f"{s.images} image{'s' if s.images != 1 else ''}, {s.regions} "
-            f"region{'s' if s.regions != 1 else ''}, {s.objects} objects, "
-            f"{s.pixels:,} pixels. "
-        )
+        return summary_line(self.summary)
 
     def _on_done(
         self,
         request: Any,
         fresh: str | None,
         base_entry: Any,
-        settings: dict[str, Any],
         model: Any,
         history: Any,
         prediction: Any,
@@ -729,29 +541,14 @@ class TrainWidget(Panel):
         self.timings["trained"] = time.perf_counter()
         steps, secs = len(history.losses), history.seconds
         origin = f"new {fresh}" if fresh else f"fine-tuned from {base_entry.label}"
-        summary = dict(getattr(model, "training_summary", None) or {})
-        if self.summary is not None:
-            summary.update(
-                images=self.summary.images,
-                regions=self.summary.regions,
-                objects=self.summary.objects,
-                pixels=self.summary.pixels,
-            )
         entry = self.state.add_model(
             model,
             f"trained here ({origin}, {steps} steps, {secs:.0f} s)",
             kind="trained",
-            summary=summary,
+            summary=model_summary(model, self.summary),
         )
         self.trained_entry = entry
-        text = f"Done: {entry.label}, {self._summary_line()}{steps} steps in {secs:.1f} s"
-        last = history.epochs[-1] if history.epochs else {}
-        if last.get("val_f1") is not None:
-            text += f"; {self._val_name()}: {last['val_f1']:.2f}"
-        elif self.summary is not None and self.summary.val_note:
-            text += f". {self.summary.val_note.rstrip('.')}"
-        if history.diverged:
-            text += " (loss diverged: kept the last good weights)"
+        text = result_text(entry.label, history, self.summary)
         self.last_layers = {}
         if prediction is not None and request is not None and request.source in self.viewer.layers:
             self.last_layers = write_results(
