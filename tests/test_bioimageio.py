@@ -77,7 +77,7 @@ def test_round_trip_predicts_the_same(default_package, nuclei, prefer):
 
 
 def test_load_model_accepts_a_package(default_package, nuclei):
-    from napari_unet.checkpoint import load_model
+    from napari_unet import load_model  # napari_unet.loader: checkpoints and packages
 
     path, model = default_package
     loaded = load_model(path)

@@ -28,7 +28,7 @@ _LAZY = {
     "segment": "napari_unet.postprocess",
     "border_weight_map": "napari_unet.weightmap",
     "save_model": "napari_unet.checkpoint",
-    "load_model": "napari_unet.checkpoint",
+    "load_model": "napari_unet.loader",
     "train": "napari_unet.training.trainer",
     "predict_distributed": "napari_unet.distributed",
     "load_pretrained": "napari_unet.models.pretrained",

@@ -93,57 +93,27 @@ def save_model(
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``; added when the name has no suffix).
-
-    ``training``: a JSON-able summary of how the model was trained (epochs, losses, data
-    …); ``extra``: any further JSON-able dict. numpy scalars/arrays and Paths are
-    converted. The model must come from :func:`build_model` (it needs ``name`` and
-    ``config``). Class names come from ``model.class_names`` or
-    :func:`default_class_names`; normalisation from ``model.normalization`` or the default.
+    """Write ``model`` to a ``.safetensors`` checkpoint, atomically.
 
     The file is written to a temporary file in the same folder and moved into place
-    with ``os.replace``, so an interrupted save never leaves a partial checkpoint. An
-    existing napari-unet checkpoint is replaced; any other existing file raises
-    ``FileExistsError`` unless ``overwrite=True``. Returns the path written.
-    """
-    path = Path(path)
-    if path.suffix == "":
-        path = path.with_name(path.name + SUFFIX)
-    if path.suffix.lower() != SUFFIX:
-        raise ValueError(
-            f"checkpoints are safetensors files; use a '{SUFFIX}' file name, not {path.name!r}"
-        )
-    try:
-        variant = canonical_name(getattr(model, "name", ""))
-    except ValueError:
-        raise ValueError(
-            f"cannot save a model named {getattr(model, 'name', None)!r}: build it with "
-            f"napari_unet.models.build_model (known variants: {', '.join(list_models())})"
-        ) from None
-    classes = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
-    if len(classes) != model.num_classes:
-        raise ValueError(
-            f"model.class_names has {len(classes)} names but the model has "
-            f"{model.num_classes} classes"
-        )
-    meta = {
-        "format": FORMAT,
-        "variant": variant,
-        "in_channels": int(model.in_channels),
-        "num_classes": int(model.num_classes),
-        "config": dict(model.config),
-        "normalization": get_normalization(model),
-        "classes": [str(c) for c in classes],
-        "training": training,
-        "extra": extra,
-        "package_version": _package_version(),
-        "torch_version": str(torch.__version__),
-    }
-    try:
-        text = json.dumps(meta, default=_json_default)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint metadata is not JSON-serialisable: {err}") from err
+    with ``os.replace``, so an interrupted save never leaves a partial checkpoint.
 
+    Args:
+        model: a network from :func:`build_model` (it needs ``name`` and ``config``); its
+            class names come from ``model.class_names`` (else :func:`default_class_names`),
+            its normalisation from ``model.normalization`` (else the default).
+        path: the file; ``.safetensors`` is added when the name has no suffix.
+        training: a JSON-able summary of how the model was trained (epochs, losses,
+            data …); numpy scalars/arrays and Paths are converted.
+        extra: any further JSON-able dict.
+        overwrite: replace any existing file; without it only an existing napari-unet
+            checkpoint is replaced and any other file raises ``FileExistsError``.
+
+    Returns:
+        The path written.
+    """
+    path = _checkpoint_path(path)
+    text = _metadata_json(model, training, extra)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name ending in {SUFFIX}")
     mode = 0o644
@@ -169,6 +139,54 @@ def save_model(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with ``.safetensors`` added when it has no suffix; other suffixes refused."""
+    path = Path(path)
+    if path.suffix == "":
+        path = path.with_name(path.name + SUFFIX)
+    if path.suffix.lower() != SUFFIX:
+        raise ValueError(
+            f"checkpoints are safetensors files; use a '{SUFFIX}' file name, not {path.name!r}"
+        )
+    return path
+
+
+def _metadata_json(
+    model: SegmentationModel, training: dict[str, Any] | None, extra: dict[str, Any] | None
+) -> str:
+    """The ``napari_unet`` metadata string of ``model`` (see the module docstring)."""
+    try:
+        variant = canonical_name(getattr(model, "name", ""))
+    except ValueError:
+        raise ValueError(
+            f"cannot save a model named {getattr(model, 'name', None)!r}: build it with "
+            f"napari_unet.models.build_model (known variants: {', '.join(list_models())})"
+        ) from None
+    classes = model.class_names
+    if len(classes) != model.num_classes:
+        raise ValueError(
+            f"model.class_names has {len(classes)} names but the model has "
+            f"{model.num_classes} classes"
+        )
+    meta = {
+        "format": FORMAT,
+        "variant": variant,
+        "in_channels": int(model.in_channels),
+        "num_classes": int(model.num_classes),
+        "config": dict(model.config),
+        "normalization": get_normalization(model),
+        "classes": [str(c) for c in classes],
+        "training": training,
+        "extra": extra,
+        "package_version": _package_version(),
+        "torch_version": str(torch.__version__),
+    }
+    try:
+        return json.dumps(meta, default=_json_default)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint metadata is not JSON-serialisable: {err}") from err
 
 
 def _package_version() -> str:
@@ -454,11 +472,8 @@ def load_model(
 ) -> SegmentationModel:
     """Rebuild and load a checkpoint written by :func:`save_model`; eval mode, on ``device``.
 
-    A bioimage.io model package (``.zip`` with an ``rdf.yaml``) is imported with
-    :func:`napari_unet.bioimageio.load_bioimageio` (never unpickled).
-
-    The model gets ``normalization`` (dict), ``class_names`` (list[str]),
-    ``training_summary`` (dict or None), ``checkpoint_extra`` and ``checkpoint_path``.
+    Checkpoints only: :func:`napari_unet.load_model` (:mod:`napari_unet.loader`) also
+    imports bioimage.io model packages (``.zip``).
 
     Everything is checked before memory is committed: the file must be a regular file
     (a pipe or a device is refused without being opened), the metadata's types and
@@ -468,17 +483,22 @@ def load_model(
     built and the tensors read, each of which must be finite floating point (integer
     buffers such as BatchNorm's counter excepted).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for everything
-    else: pickle-based files (refused without being unpickled), non-safetensors /
-    corrupt / truncated files, missing or invalid metadata, unknown variants or config,
-    and tensors that do not match the model (naming the first mismatching key).
+    Args:
+        path: the ``.safetensors`` file.
+        device: where the model goes (``"cpu"``, ``"cuda"`` or a torch device).
+
+    Returns:
+        The model, with ``normalization`` (dict), ``class_names`` (list[str]),
+        ``training_summary`` (dict or None), ``checkpoint_extra`` and ``checkpoint_path``.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        ValueError: everything else: pickle-based files (refused without being
+            unpickled), non-safetensors / corrupt / truncated files, missing or invalid
+            metadata, unknown variants or config, and tensors that do not match the model
+            (naming the first mismatching key).
     """
     path = Path(path)
-    if path.suffix.lower() == ".zip":  # a bioimage.io model package
-        from .bioimageio import is_bioimageio_package, load_bioimageio
-
-        if is_bioimageio_package(path):
-            return load_bioimageio(path, device=device)
     _check_file(path)
     try:
         fh_ctx = safe_open(str(path), framework="pt", device="cpu")

@@ -141,16 +141,101 @@ def _score(
     }
 
 
-def _resolve(model: Any) -> SegmentationModel:
+def _resolve(model: Any, device: str) -> SegmentationModel:
+    """A model object; a bundled name (trained weights); a checkpoint or package path."""
     if isinstance(model, SegmentationModel):
         return model
-    from .checkpoint import load_model
+    if isinstance(model, str) and not model.endswith(".safetensors"):
+        from .models.pretrained import load_pretrained
+
+        return load_pretrained(model, device=device)
+    from .loader import load_model
 
     return load_model(model)
 
 
 def _as_plane(image: Any) -> np.ndarray:
     return np.asarray(image)
+
+
+def _check_inputs(image: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be 2-D (Y, X), got shape {labels.shape}")
+    image = _as_plane(image)
+    if tuple(image.shape[-2:]) != labels.shape and not (
+        image.ndim == 3 and image.shape[:2] == labels.shape
+    ):
+        raise ValueError(f"image {image.shape} and labels {labels.shape} differ in size")
+    return image, labels
+
+
+def _crops(image: np.ndarray, labels: np.ndarray, windows: list[tuple[Roi, Roi]]) -> tuple:
+    """(image crops, ground-truth crops, exclude masks) of each (crop, region) window: the
+    objects outside the region (in the context margin) are excluded from scoring."""
+    yx_last = tuple(image.shape[-2:]) == labels.shape
+    images, gt_crops, excludes = [], [], []
+    for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in windows:
+        images.append(image[..., cy0:cy1, cx0:cx1] if yx_last else image[cy0:cy1, cx0:cx1])
+        gt_crops.append(labels[cy0:cy1, cx0:cx1])
+        if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
+            excludes.append(None)
+        else:
+            ex = np.ones((cy1 - cy0, cx1 - cx0), bool)
+            ex[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = False
+            excludes.append(ex)
+    return images, gt_crops, excludes
+
+
+Output = tuple[str, "int | None", bool, list[np.ndarray], float, int]
+"""(output name, level, final?, probabilities per window, seconds, parameters)."""
+
+
+def _predict_outputs(
+    model: SegmentationModel, crops: list[np.ndarray], heads: bool, axes: str | None, device: str
+) -> list[Output]:
+    """Every output of ``model`` on the crops: UNet++ levels (each timed on its own), the
+    heads of one forward (sharing its time), or the final output alone."""
+    from .inference.predict import predict
+
+    n_params = count_parameters(model)
+    multi = heads and model.num_outputs > 1
+    outputs: list[Output] = []
+    if multi and model.supports_levels:
+        for level in range(1, model.num_outputs + 1):
+            t0 = time.perf_counter()
+            probs = [predict(model, c, axes=axes, device=device, level=level) for c in crops]
+            seconds = time.perf_counter() - t0
+            outputs.append(
+                (f"L{level}", level, level == model.num_outputs, probs, seconds,
+                 int(model.level_parameters(level)))
+            )  # fmt: skip
+    elif multi:
+        t0 = time.perf_counter()
+        per_window = [predict(model, c, axes=axes, device=device, outputs="all") for c in crops]
+        seconds = time.perf_counter() - t0
+        final_idx = model.final_index % model.num_outputs
+        for k, head in enumerate(head_names(model)):
+            probs = [all_heads[k] for _, all_heads in per_window]
+            outputs.append((head, None, k == final_idx, probs, seconds, n_params))
+    else:
+        t0 = time.perf_counter()
+        probs = [predict(model, c, axes=axes, device=device) for c in crops]
+        seconds = time.perf_counter() - t0
+        outputs.append(("final", None, True, probs, seconds, n_params))
+    return outputs
+
+
+def _kept_labels(
+    shape: tuple[int, int], windows: list[tuple[Roi, Roi]], preds: list[np.ndarray]
+) -> np.ndarray:
+    """The predicted instances of every window in one (Y, X) uint32 image, ids unique."""
+    kept = np.zeros(shape, np.uint32)
+    offset = 0
+    for ((cy0, cy1, cx0, cx1), _), pred in zip(windows, preds):
+        kept[cy0:cy1, cx0:cx1] = np.where(pred > 0, pred + offset, 0)
+        offset += int(pred.max())
+    return kept
 
 
 def compare_models(
@@ -169,102 +254,50 @@ def compare_models(
 ) -> list[CompareRow]:
     """Score each model on ``image`` against instance ``labels``; rows sorted best first.
 
-    ``models``: ``{label: model object | bundled name | checkpoint path}``, a list of
-    bundled names/paths, or None for every bundled trained variant. ``rois``: regions
-    ``(y0, y1, x0, x1)`` to score (default: the whole image); each is predicted with
-    :data:`CONTEXT` pixels of image around it and only ground-truth objects inside it
-    count (objects touching its edge are not scored, see ``object_metrics(exclude=)``).
-    ``heads``: one row per deep-supervision output. Sorted by F1@0.5, then mean IoU,
-    then speed. ``progress(done, total, label)`` after each model; ``cancel`` stops
-    between models with :class:`napari_unet.Cancelled`. ``keep_labels``: each row keeps
-    its predicted instances (``row.labels``).
+    Args:
+        models: ``{label: model object | bundled name | checkpoint path}``, a list of
+            bundled names/paths, or None for every bundled trained variant.
+        image: the image, ``(Y, X)``, ``(C, Y, X)`` or ``(Y, X, C)`` (``axes`` when ambiguous).
+        labels: ``(Y, X)`` integer instance labels, the ground truth (0 = background).
+        rois: regions ``(y0, y1, x0, x1)`` in pixels to score (default: the whole image);
+            each is predicted with :data:`CONTEXT` pixels of image around it and only
+            ground-truth objects inside it count (objects touching its edge are not
+            scored, see ``object_metrics(exclude=)``).
+        heads: one row per deep-supervision output.
+        ap: also compute AP@0.5:0.95 (slower).
+        device: where the models run.
+        axes: the image's axes when ambiguous.
+        progress: ``progress(done, total, label)`` after each model.
+        cancel: an Event or callable; stops between models with
+            :class:`napari_unet.Cancelled`.
+        keep_labels: each row keeps its predicted instances (``row.labels``, uint32 (Y, X)).
+
+    Returns:
+        :class:`CompareRow` list sorted by F1@0.5, then mean IoU, then speed (seconds).
     """
-    from .inference.predict import predict
-    from .models.pretrained import list_pretrained, load_pretrained
+    from .models.pretrained import list_pretrained
     from .runtime import Cancelled
 
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be 2-D (Y, X), got shape {labels.shape}")
-    image = _as_plane(image)
-    if tuple(image.shape[-2:]) != labels.shape and not (
-        image.ndim == 3 and image.shape[:2] == labels.shape
-    ):
-        raise ValueError(f"image {image.shape} and labels {labels.shape} differ in size")
+    image, labels = _check_inputs(image, labels)
     if models is None:
         models = {c.name: c.name for c in list_pretrained()}
     elif not isinstance(models, Mapping):
         models = {str(m): m for m in models}
     windows = _windows(labels.shape, rois)
-    yx_last = tuple(image.shape[-2:]) == labels.shape
-
-    def crop_image(c: Roi) -> np.ndarray:
-        y0, y1, x0, x1 = c
-        return image[..., y0:y1, x0:x1] if yx_last else image[y0:y1, x0:x1]
-
-    gt_crops, excludes = [], []
-    for (cy0, cy1, cx0, cx1), (y0, y1, x0, x1) in windows:
-        gt_crops.append(labels[cy0:cy1, cx0:cx1])
-        if (cy0, cy1, cx0, cx1) == (y0, y1, x0, x1):
-            excludes.append(None)
-        else:
-            ex = np.ones((cy1 - cy0, cx1 - cx0), bool)
-            ex[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = False
-            excludes.append(ex)
-
+    crops, gt_crops, excludes = _crops(image, labels, windows)
     rows: list[CompareRow] = []
     items = list(models.items())
     for done, (name, spec) in enumerate(items):
         if is_cancelled(cancel):
             raise Cancelled("compare cancelled")
-        if isinstance(spec, str) and not spec.endswith(".safetensors"):
-            model = load_pretrained(spec, device=device)
-        else:
-            model = _resolve(spec)
-        names = getattr(model, "class_names", None)
-        n_params = count_parameters(model)
-        multi = heads and model.num_outputs > 1
-        unetpp_levels = multi and hasattr(model, "level_parameters")
-        # (output name, level, final?, probabilities per window, seconds, parameters)
-        outputs: list[tuple[str, int | None, bool, list[np.ndarray], float, int]] = []
-        if unetpp_levels:
-            for level in range(1, model.num_outputs + 1):
-                t0 = time.perf_counter()
-                probs = [
-                    predict(model, crop_image(c), axes=axes, device=device, level=level)
-                    for c, _ in windows
-                ]
-                seconds = time.perf_counter() - t0
-                outputs.append(
-                    (f"L{level}", level, level == model.num_outputs, probs, seconds,
-                     int(model.level_parameters(level)))
-                )  # fmt: skip
-        elif multi:
-            t0 = time.perf_counter()
-            per_window = [
-                predict(model, crop_image(c), axes=axes, device=device, outputs="all")
-                for c, _ in windows
-            ]
-            seconds = time.perf_counter() - t0
-            final_idx = model.final_index % model.num_outputs
-            for k, head in enumerate(head_names(model)):
-                probs = [all_heads[k] for _, all_heads in per_window]
-                outputs.append((head, None, k == final_idx, probs, seconds, n_params))
-        else:
-            t0 = time.perf_counter()
-            probs = [predict(model, crop_image(c), axes=axes, device=device) for c, _ in windows]
-            seconds = time.perf_counter() - t0
-            outputs.append(("final", None, True, probs, seconds, n_params))
-        for out_name, level, final, probs, seconds, params in outputs:
+        model = _resolve(spec, device)
+        names = model.class_names
+        for out_name, level, final, probs, seconds, params in _predict_outputs(
+            model, crops, heads, axes, device
+        ):
             preds = [segment(p, class_names=names) for p in probs]
             s = _score(gt_crops, preds, excludes, ap)
-            kept = None
-            if keep_labels:
-                kept = np.zeros(labels.shape, np.uint32)
-                offset = 0
-                for ((cy0, cy1, cx0, cx1), _), pred in zip(windows, preds):
-                    kept[cy0:cy1, cx0:cx1] = np.where(pred > 0, pred + offset, 0)
-                    offset += int(pred.max())
+            kept = _kept_labels(labels.shape, windows, preds) if keep_labels else None
             rows.append(
                 CompareRow(
                     name=name,
@@ -276,7 +309,7 @@ def compare_models(
                     model=model,
                     labels=kept,
                     **s,
-                )
+                )  # fmt: skip
             )
         if progress is not None:
             progress(done + 1, len(items), name)

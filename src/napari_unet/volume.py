@@ -325,13 +325,49 @@ def segment_stack(
     Returns:
         (Z, Y, X) uint32 labels (``out`` when given).
     """
+    _check_stack(stack, method, axes)
+    seg_kwargs = _segment_kwargs(model, method, spacing, stitch_iou, threshold, min_size)
+    depth, plane_px = int(stack.shape[0]), int(stack.shape[-1]) * int(stack.shape[-2])
+    if slab is None:
+        whole = model.num_classes * depth * plane_px * 4 <= 2**30
+        slab = depth if whole else 16
+    if orthogonal and (method != "3d" or slab < depth):
+        raise ValueError("orthogonal planes need method='3d' and the whole stack in memory")
+    if orthogonal:
+
+        def read(z0: int, z1: int) -> np.ndarray:
+            return predict_stack(
+                model, np.asarray(stack), axes=axes, spacing=spacing, orthogonal=True,
+                **predict_kwargs,
+            )  # fmt: skip
+
+    else:
+        read = _PlaneCache(model, stack, axes, halo, predict_kwargs).read
+    return segment_volume_slabs(
+        read, depth, out=out, slab=slab, halo=halo, method=method, progress=progress,
+        **seg_kwargs,
+    )  # fmt: skip
+
+
+def _check_stack(stack: Any, method: str, axes: str) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if axes not in ("ZYX", "ZCYX"):
         raise ValueError(f"a stack's axes are 'ZYX' or 'ZCYX', got {axes!r}")
     if len(stack.shape) != len(axes):
         raise ValueError(f"stack of shape {tuple(stack.shape)} does not match axes {axes!r}")
-    names = list(getattr(model, "class_names", None) or default_class_names(model.num_classes))
+
+
+def _segment_kwargs(
+    model: Any,
+    method: str,
+    spacing: Sequence[float] | None,
+    stitch_iou: float,
+    threshold: float,
+    min_size: int,
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`segment_volume` / :func:`stitch_planes` per slab."""
+    names = model.class_names
     seg_kwargs: dict[str, Any] = {
         "class_names": names,
         "threshold": threshold,
@@ -341,47 +377,38 @@ def segment_stack(
         seg_kwargs["spacing"] = spacing
     else:
         seg_kwargs["stitch_iou"] = stitch_iou
-    depth, plane_px = int(stack.shape[0]), int(stack.shape[-1]) * int(stack.shape[-2])
-    if slab is None:
-        whole = model.num_classes * depth * plane_px * 4 <= 2**30
-        slab = depth if whole else 16
-    if orthogonal and (method != "3d" or slab < depth):
-        raise ValueError("orthogonal planes need method='3d' and the whole stack in memory")
-    cache: dict[int, np.ndarray] = {}
+    return seg_kwargs
 
-    def read(z0: int, z1: int) -> np.ndarray:
-        if orthogonal:
-            return predict_stack(
-                model,
-                np.asarray(stack),
-                axes=axes,
-                spacing=spacing,
-                orthogonal=True,
-                **predict_kwargs,
-            )
+
+class _PlaneCache:
+    """Probabilities of planes z0..z1 of a stack, each plane predicted once: the planes a
+    slab shares with the next (its halo) are kept, the others dropped."""
+
+    def __init__(
+        self, model: Any, stack: Any, axes: str, halo: int, predict_kwargs: dict[str, Any]
+    ) -> None:
+        self.model, self.stack, self.axes, self.halo = model, stack, axes, halo
+        self.predict_kwargs = predict_kwargs
+        self.cache: dict[int, np.ndarray] = {}
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """float32 (C, z1 - z0, Y, X) probabilities of planes z0..z1."""
+        from .inference.predict import predict
+
+        cache = self.cache
         todo = [z for z in range(z0, z1) if z not in cache]
         if todo:
             part = np.asarray(
                 predict(
-                    model, np.asarray(stack[todo[0] : todo[-1] + 1]), axes=axes, **predict_kwargs
+                    self.model,
+                    np.asarray(self.stack[todo[0] : todo[-1] + 1]),
+                    axes=self.axes,
+                    **self.predict_kwargs,
                 )
             )
             for k, z in enumerate(range(todo[0], todo[-1] + 1)):
                 cache[z] = part[:, k]
         planes = [cache[z] for z in range(z0, z1)]
-        for z in [z for z in cache if z < z1 - 2 * halo]:  # keep only what the next slab needs
+        for z in [z for z in cache if z < z1 - 2 * self.halo]:  # keep what the next slab needs
             del cache[z]
         return np.stack(planes, axis=1)
-
-    from .inference.predict import predict
-
-    return segment_volume_slabs(
-        read,
-        depth,
-        out=out,
-        slab=slab,
-        halo=halo,
-        method=method,
-        progress=progress,
-        **seg_kwargs,
-    )

@@ -20,7 +20,9 @@ def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationM
         return checkpoint.load_default_model()
     path = Path(model)
     if path.suffix or path.exists():
-        return checkpoint.load_model(path)
+        from ..loader import load_model  # a checkpoint or a bioimage.io package
+
+        return load_model(path)
     from ..models.pretrained import is_pretrained, load_pretrained
 
     if is_pretrained(str(model)):
