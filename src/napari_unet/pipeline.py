@@ -149,30 +149,15 @@ def _labels(
 
 
 def segment_image(
-    model: Any,
-    image: Any,
-    *,
-    axes: str | None = None,
-    channel: int | None = None,
-    device: Any = "auto",
-    tile_size: int | None = None,
-    batch_size: int | None = None,
-    exact: bool = False,
-    level: int | None = None,
-    runtime: str | None = None,
-    mode: str | None = "instance",
-    threshold: float = 0.5,
-    min_size: int = 15,
-    seed_h: float = 1.0,
-    objects_3d: bool = False,
-    spacing: Sequence[float] | None = None,
-    progress: Progress | None = None,
-    post_progress: Progress | None = None,
-    stage: Callable[[str], None] | None = None,
-    cancel: Any = None,
-    out: Any = None,
+    model: Any, image: Any, *, axes: str | None = None, channel: int | None = None,
+    device: Any = "auto", tile_size: int | None = None, batch_size: int | None = None,
+    exact: bool = False, level: int | None = None, runtime: str | None = None,
+    mode: str | None = "instance", threshold: float = 0.5, min_size: int = 15,
+    seed_h: float = 1.0, objects_3d: bool = False, spacing: Sequence[float] | None = None,
+    progress: Progress | None = None, post_progress: Progress | None = None,
+    stage: Callable[[str], None] | None = None, cancel: Any = None, out: Any = None,
     threads: int | str | None = None,
-) -> SegmentationResult:
+) -> SegmentationResult:  # fmt: skip
     """Predict ``image`` with ``model`` and turn the probabilities into labels.
 
     Args:
@@ -203,9 +188,8 @@ def segment_image(
         cancel: a ``threading.Event`` or a callable; when set, stops within one batch or
             plane by raising :class:`napari_unet.runtime.Cancelled`.
         out: a new zarr path (or an array) that receives the probabilities instead of memory.
-        threads: CPU threads of torch during the prediction: None leaves torch's setting,
-            ``"auto"`` the engine's choice (:func:`napari_unet.runtime.choose_threads`), or a
-            number.
+        threads: torch's CPU threads while predicting: None leaves torch's setting,
+            ``"auto"``: :func:`napari_unet.runtime.choose_threads`, or a number.
 
     Returns:
         A :class:`SegmentationResult`: probabilities float32 ``(C, *leading, Y, X)``, labels
@@ -215,7 +199,6 @@ def segment_image(
     from .inference.backends import resolve_runtime
     from .inference.predict import predict
     from .inference.resolve import resolve_model
-    from .postprocess import default_class_names
     from .runtime import select_device
 
     model = resolve_model(model)
@@ -232,24 +215,15 @@ def segment_image(
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_cancel(cancel)  # a stop during the last batch: no segmenting
-    names = [str(n) for n in getattr(model, "class_names", None) or ()]
-    names = names or default_class_names(model.num_classes)
+    names = model.class_names
     if stage is not None and mode is not None:
         stage("segmenting")
     post = {"threshold": threshold, "min_size": min_size, "seed_h": seed_h}
     labels = _labels(probs, mode, names, post, objects_3d, spacing, post_progress, cancel)
     _check_cancel(cancel)
-    return SegmentationResult(
-        probabilities=probs,
-        labels=labels,
-        mode=mode,
-        objects=int(labels.max(initial=0)) if labels is not None else 0,
-        class_names=names,
-        device=why,
-        runtime=ran_on,
-        seconds=seconds,
-        total_seconds=time.perf_counter() - t0,
-    )
+    objects = int(labels.max(initial=0)) if labels is not None else 0
+    total = time.perf_counter() - t0
+    return SegmentationResult(probs, labels, mode, objects, names, why, ran_on, seconds, total)
 
 
 # ------------------------------------------------- side outputs, weight-map stacks (widgets)
