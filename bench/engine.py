@@ -95,7 +95,7 @@ def variant_rows(names: list[str], image: np.ndarray, repeats: int, threads: int
     bf16 = cpu_has_bf16()
     for name in names:
         model, source = load_variant(name)
-        classes = getattr(model, "class_names", None)
+        classes = model.class_names
         runs = {
             "torch fp32": dict(runtime="torch", amp=False),
             "openvino f32": dict(runtime="openvino", exact=False, amp=False),

@@ -10,7 +10,7 @@ import pytest
 from napari_unet.inference.predict import predict
 from napari_unet.models import build_model
 from napari_unet.pipeline import SegmentationResult, segment_image, segment_planes
-from napari_unet.postprocess import default_class_names, segment
+from napari_unet.postprocess import segment
 from napari_unet.runtime import Cancelled
 
 
@@ -26,7 +26,7 @@ def model():
 def test_segment_image_equals_predict_then_segment(model, nuclei):
     image = nuclei[0]
     probs = predict(model, image, device="cpu")
-    names = getattr(model, "class_names", None) or default_class_names(model.num_classes)
+    names = model.class_names
     labels = segment(probs, class_names=names)
     result = segment_image(model, image, device="cpu")
     assert isinstance(result, SegmentationResult)
@@ -52,7 +52,7 @@ def test_semantic_and_no_labels(model, nuclei):
 def test_stack_planes_equal_segment(model, nuclei):
     stack = np.stack([nuclei[0][:64, :96], nuclei[0][64:128, :96]])
     result = segment_image(model, stack, axes="ZYX", device="cpu")
-    names = getattr(model, "class_names", None)
+    names = model.class_names
     np.testing.assert_array_equal(
         result.labels, segment(np.asarray(result.probabilities), class_names=names)
     )

@@ -111,7 +111,7 @@ def test_compare_region_scores_only_inside(nuclei):
     y0, y1, x0, x1 = roi
     cy0, cy1, cx0, cx1 = max(0, y0 - 32), y1 + 32, max(0, x0 - 32), x1 + 32
     probs = predict(model, image[cy0:cy1, cx0:cx1], device="cpu")
-    pred = segment(probs, class_names=getattr(model, "class_names", None))
+    pred = segment(probs, class_names=model.class_names)
     exclude = np.ones(pred.shape, bool)
     exclude[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = False
     m = object_metrics(labels[cy0:cy1, cx0:cx1], pred, exclude=exclude)

@@ -18,7 +18,7 @@ _MAX_SAMPLE = 4_000_000  # pixels per channel used to estimate percentiles of hu
 
 def get_normalization(model: Any) -> dict[str, Any]:
     """The model's stored normalisation, or the default."""
-    norm = getattr(model, "normalization", None)
+    norm = model.normalization
     return dict(norm) if norm else dict(DEFAULT_NORMALIZATION)
 
 
