@@ -201,3 +201,15 @@ def test_default_model_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "default.safetensors")
     with pytest.raises(FileNotFoundError, match="bundled default model"):
         load_default_model()
+
+
+def test_a_model_package_is_named_not_called_a_pickle(tmp_path: Path) -> None:
+    # checkpoint.load_model reads checkpoints only (napari_unet.load_model also reads
+    # packages): a bioimage.io package is named as such, not refused as a torch pickle
+    import zipfile
+
+    path = tmp_path / "model.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("rdf.yaml", "type: model\n")
+    with pytest.raises(ValueError, match="bioimage.io model package.*napari_unet.load_model"):
+        load_model(path)

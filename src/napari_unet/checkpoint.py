@@ -230,6 +230,11 @@ def _check_file(path: Path) -> None:
         if 2 <= n <= min(size - 8, _HEADER_LIMIT) and head[8:9] == b"{":
             return
     if head.startswith(_ZIP_MAGIC):
+        if _is_model_package(path):
+            raise ValueError(
+                f"{path} is a bioimage.io model package, not a checkpoint; load it with "
+                "napari_unet.load_model"
+            )
         raise _pickle_error(path, "a zip archive as written by torch.save")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         raise _pickle_error(path, f"pickle protocol {head[1]}")
@@ -241,6 +246,17 @@ def _check_file(path: Path) -> None:
         f"{path} is not a safetensors checkpoint, or it is corrupt/truncated{hint}: "
         f"{'empty file' if size == 0 else 'invalid header'}"
     )
+
+
+def _is_model_package(path: Path) -> bool:
+    """A zip with an ``rdf.yaml`` / ``bioimageio.yaml`` (names only, nothing unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return bool({"rdf.yaml", "bioimageio.yaml"} & set(zf.namelist()))
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _open_error(path: Path, err: Exception) -> ValueError:
