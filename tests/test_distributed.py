@@ -1,5 +1,5 @@
 """Distributed prediction on a dask cluster: equal to the single-process result, stitched
-instance labels, worker loss, resume, store checks, Z-stacks, CLI."""
+instance labels, worker loss, resume, store checks, Z-stacks, CLI, the workers' runtime."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ zarr = pytest.importorskip("zarr")
 
 from napari_unet import distributed as dist  # noqa: E402
 from napari_unet.checkpoint import load_model, save_model  # noqa: E402
+from napari_unet.distributed.stitch import face_pairs  # noqa: E402
+from napari_unet.distributed.store import create_array  # noqa: E402
 from napari_unet.inference.layout import resolve_layout  # noqa: E402
-from napari_unet.inference.normalize import get_normalization, normalization_stats, sample_plane  # noqa: E402
+from napari_unet.inference.normalize import get_normalization  # noqa: E402
 from napari_unet.inference.predict import predict  # noqa: E402
+from napari_unet.inference.source import PlaneSource  # noqa: E402
 from napari_unet.models import build_model  # noqa: E402
 from napari_unet.postprocess import segment  # noqa: E402
 from napari_unet.runtime import Cancelled  # noqa: E402
@@ -62,10 +65,11 @@ def reference(tiny_model, big_image):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Two single-threaded worker processes; workers can be made to die (fault hook)."""
-    arm = tmp_path_factory.mktemp("fault") / "kill-one-worker"
-    old = os.environ.get(dist.FAULT_ENV)
-    os.environ[dist.FAULT_ENV] = str(arm)  # inherited by the worker processes
+    """Two single-threaded worker processes, with their own runtime cache folder
+    (``NAPARI_UNET_CACHE``, inherited by the worker processes): (client, that folder)."""
+    cache = tmp_path_factory.mktemp("worker-cache")
+    old = os.environ.get("NAPARI_UNET_CACHE")
+    os.environ["NAPARI_UNET_CACHE"] = str(cache)
     try:
         lc = distributed.LocalCluster(
             n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None
@@ -73,12 +77,46 @@ def cluster(tmp_path_factory):
         client = distributed.Client(lc, set_as_default=False)
     finally:
         if old is None:
-            del os.environ[dist.FAULT_ENV]
+            del os.environ["NAPARI_UNET_CACHE"]
         else:
-            os.environ[dist.FAULT_ENV] = old
-    yield client, arm
+            os.environ["NAPARI_UNET_CACHE"] = old
+    yield client, cache
     client.close()
     lc.close()
+
+
+class DieBeforeMarking(distributed.WorkerPlugin):
+    """Test-only fault: the first worker to remove the file ``arm`` exits at once in a
+    chunk task, after writing the chunk's data and before its completion mark
+    (:func:`napari_unet.distributed.store.mark_chunk`, the task's last write) — as if the
+    machine had died there. Set up on every worker (also restarted ones); its teardown
+    puts the real function back."""
+
+    name = "napari-unet-test-die-before-marking"
+
+    def __init__(self, arm: str) -> None:
+        self.arm = arm
+
+    def setup(self, worker) -> None:
+        from napari_unet.distributed import tasks
+
+        real, arm = tasks.mark_chunk, self.arm
+        self.real = getattr(real, "real", real)
+
+        def mark_or_die(*args, **kwargs):
+            try:
+                os.remove(arm)
+            except OSError:
+                return real(*args, **kwargs)
+            os._exit(1)
+
+        mark_or_die.real = self.real
+        tasks.mark_chunk = mark_or_die
+
+    def teardown(self, worker) -> None:
+        from napari_unet.distributed import tasks
+
+        tasks.mark_chunk = self.real
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +184,14 @@ def assert_same_instances(labels: np.ndarray, ref: np.ndarray, tolerance: float 
 def _assemble(model, image, chunk):
     layout = resolve_layout(image, model.in_channels)
     spec = dist.build_spec(model, layout, out="unused", key="k", chunk_size=chunk, margin=8)
-    stats = normalization_stats(
-        layout.convert(sample_plane(layout.plane(0))), get_normalization(model)
-    )
+    source = PlaneSource.open(layout, 0, get_normalization(model))
     out = np.zeros((model.num_classes, *layout.spatial), np.float32)
     ny, nx = spec.grid
     assert ny * nx > 4
     for i in range(ny):
         for j in range(nx):
-            probs, r0, c0 = dist.chunk_probabilities(
-                model, layout, 0, stats, spec, i, j, torch.device("cpu")
-            )
+            probs, r0, c0 = dist.chunk_probabilities(model, source, spec, i, j, torch.device("cpu"))
+            assert probs.shape[1:] == spec.block_shape  # one window shape per run
             a, b, c, d = spec.core(i, j)
             out[:, a:b, c:d] = probs[:, a - r0 : b - r0, c - c0 : d - c0]
     return out
@@ -190,7 +225,7 @@ def test_face_matching_keeps_touching_objects_apart():
     below[:, :10] = 1
     below[:8, 10:] = 3
     below[8:, 10:] = 2
-    pairs = dist._face_pairs(above, below, 2, 2)
+    pairs = face_pairs(above, below, 2, 2)
     assert pairs.tolist() == [[1, 1]]
 
 
@@ -215,20 +250,25 @@ def test_distributed_equals_single_process(first_run, reference):
 
 
 def test_killed_worker_does_not_change_the_result(
-    first_run, cluster, tiny_model, big_image, reference
+    first_run, cluster, tiny_model, big_image, reference, tmp_path
 ):
     out, _, _, _ = first_run
-    client, arm = cluster
+    client, _ = cluster
     group = zarr.open_group(str(out), mode="r+")
     redo = [0, 5, 10, 15]
     for lin in redo:  # recompute four chunks...
         group["_work/counts"][lin] = 0
         group["_work/labelled"][lin] = 0
+    arm = tmp_path / "kill-one-worker"
     arm.touch()  # ...and the first worker to finish writing one dies before marking it
     pids = set(client.run(os.getpid).values())
-    probs, labels = dist.predict_distributed(
-        tiny_model, zarr.open_array(str(big_image[1]), mode="r"), scheduler=client, out=out
-    )
+    client.register_plugin(DieBeforeMarking(str(arm)), name=DieBeforeMarking.name)
+    try:
+        probs, labels = dist.predict_distributed(
+            tiny_model, zarr.open_array(str(big_image[1]), mode="r"), scheduler=client, out=out
+        )
+    finally:
+        client.unregister_worker_plugin(DieBeforeMarking.name)
     assert not arm.exists(), "no worker was killed"
     assert set(client.run(os.getpid).values()) != pids  # the nanny started a new worker
     assert (group["_work/counts"][...] > 0).all() and (group["_work/labelled"][...] > 0).all()
@@ -293,7 +333,7 @@ def test_store_mismatch_is_a_clear_error(cluster, tiny_model, tmp_path):
         )
     group = zarr.open_group(str(out), mode="r+")
     del group["labels"]
-    dist._create(group, "labels", (256, 256), (128, 128), "int32")
+    create_array(group, "labels", (256, 256), (128, 128), "int32")
     with pytest.raises(ValueError, match="dtype int32"):
         dist.predict_distributed(tiny_model, image, scheduler=client, out=out, chunk_size=128)
     array = tmp_path / "array.zarr"
@@ -391,3 +431,50 @@ def test_semantic_mode_from_a_dask_array(cluster, tiny_model, tmp_path):
     ref = predict(model, image, exact=True, device="cpu")
     assert np.abs(probs[...] - ref).max() <= 1e-5
     assert np.array_equal(labels[...], segment(ref, mode="semantic"))
+
+
+# --------------------------------------------------------------- the workers' runtime
+def test_workers_run_the_openvino_export_of_the_client(cluster, tiny_model, tmp_path, monkeypatch):
+    """runtime='openvino': decided and exported once in the client, compiled by every
+    worker from that export (into the workers' own cache), recorded in the store; the
+    probabilities agree with torch as the single-process OpenVINO fp32 runtime does."""
+    pytest.importorskip("openvino")
+    from napari_unet.inference import backends
+
+    client, worker_cache = cluster
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "client-cache"))
+    image, _ = synthetic_nuclei((512, 512), seed=9)
+    ref = predict(load_model(tiny_model), image, exact=True, device="cpu", runtime="torch")
+    runs = {}
+    for runtime in ("openvino", "torch"):
+        out = tmp_path / f"{runtime}.zarr"
+        probs, _ = dist.predict_distributed(
+            tiny_model, image, scheduler=client, out=out, chunk_size=256, device="cpu",
+            runtime=runtime,
+        )  # fmt: skip
+        runs[runtime] = np.asarray(probs[...])
+        assert dict(zarr.open_group(str(out), mode="r").attrs)[dist.RUNTIME_ATTR] == {
+            "chosen": runtime,
+            "precision": "f32" if runtime == "openvino" else None,
+            "ran": {runtime: 4},  # the four 256² chunks
+        }
+    exported = [p.name for p in (tmp_path / "client-cache" / "openvino").glob("*.xml")]
+    assert len(exported) == 1  # exported once, by the client
+    assert (worker_cache / "openvino" / exported[0]).is_file()  # shipped to the workers
+    # napari_unet.predict passes runtime= through to the cluster
+    predict(tiny_model, image, scheduler=client, out=tmp_path / "p.zarr", runtime="openvino")
+    ran = dict(zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs)[dist.RUNTIME_ATTR]
+    assert ran["ran"] == {"openvino": 1}
+    assert np.abs(runs["openvino"] - ref).max() <= 1e-4  # as tests/test_backends.py
+    assert np.abs(runs["torch"] - ref).max() <= 1e-5
+    assert not np.array_equal(runs["openvino"], runs["torch"])  # it did run on OpenVINO
+
+
+def test_a_worker_that_cannot_load_the_export_runs_torch_with_one_line():
+    from napari_unet.distributed.compiled import CompiledModel, load_on_worker
+
+    broken = CompiledModel("not-an-export", "f32", b"<net>", b"")
+    with pytest.warns(RuntimeWarning, match="runs on torch") as caught:
+        assert load_on_worker(broken, torch.device("cpu"), 1) == (None, "torch")
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert load_on_worker(None, torch.device("cpu"), 1) == (None, "torch")

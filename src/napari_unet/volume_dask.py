@@ -8,11 +8,15 @@ the output zarr array with ids offset by ``slab index × ID_STRIDE``. It also re
 plane just before its core as it labelled it (with its halo context). The client joins
 the objects that this plane shares with the previous slab's last core plane (union-find,
 as for 2-D chunk faces), then one relabel task per slab renumbers everything 1..N.
-Memory per worker is bounded by one slab.
+Memory per worker is bounded by one slab. The runtime is chosen once in the client, as for
+2-D runs (:mod:`napari_unet.distributed.compiled`): an OpenVINO export travels with the
+model and each worker predicts its slabs on it (or on torch, with a one-line warning,
+when it cannot load it).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,15 +43,22 @@ def _task_slab(
 ) -> tuple[int, np.ndarray | None, np.ndarray]:
     import zarr
 
-    from .distributed import _DEVICES, _MODELS
+    from .distributed.worker import worker_model
     from .inference.predict import predict
 
-    model = _MODELS[key]
+    held = worker_model(key)
     src = zarr.open_array(source, mode="r")
     depth = src.shape[0]
     a0, a1 = max(0, z0 - halo), min(depth, z1 + halo)
     probs = np.asarray(
-        predict(model, np.asarray(src[a0:a1]), axes="ZYX", device=_DEVICES[key], **predict_kwargs)
+        predict(
+            held.model,
+            np.asarray(src[a0:a1]),
+            axes="ZYX",
+            device=held.device,
+            runtime=held.runtime,
+            **predict_kwargs,
+        )  # fmt: skip
     )
     lab = _slab_labels(probs, method, dict(seg_kwargs)).astype(np.int64)
     n = int(lab.max())
@@ -99,15 +110,49 @@ def segment_stack_distributed(
             :func:`napari_unet.volume.segment_stack`.
         slab: planes per task; halo: context planes on each side (≥ 1).
         progress: ``progress(done_slabs, total_slabs)``.
-        **predict_kwargs: passed to :func:`napari_unet.predict` on the workers.
+        **predict_kwargs: passed to :func:`napari_unet.predict` on the workers
+            (``device`` and ``runtime`` are decided here, once for all workers).
 
     Returns:
         The output zarr array: ids 1..N, objects crossing slab borders keep one id.
     """
     import zarr
 
-    from .distributed import _model_bytes, _ModelPlugin, _register, connect
-    from .postprocess import default_class_names
+    from .distributed.cluster import connect, register, workers_per_host
+    from .distributed.worker import ModelPlugin, model_bytes
+
+    src = _check_stack(source, out, method, slab, halo)
+    model_obj, data = model_bytes(model)
+    seg = _segment_kwargs(model_obj, method, spacing, stitch_iou, threshold, min_size)
+    starts = list(range(0, src.shape[0], slab))
+    device = predict_kwargs.pop("device", "cpu")
+    compiled = _compiled(model_obj, src.shape, device, predict_kwargs)
+    zarr.create_array(
+        str(out), shape=src.shape, chunks=(1, *(min(1024, s) for s in src.shape[1:])),
+        dtype="uint32", fill_value=0,
+    )  # fmt: skip
+    key = hashlib.sha256(data).hexdigest()
+    with connect(scheduler) as client:
+        plugin = ModelPlugin(key, data, device, 1, workers_per_host(client), compiled)
+        register(client, plugin)
+        results = _predict_slabs(
+            client, key, (str(source), str(out)), starts, src.shape[0], (slab, halo),
+            method, seg, predict_kwargs, progress,
+        )  # fmt: skip
+        luts = _slab_luts(zarr.open_array(str(out), mode="r"), starts, results)
+        ends = [min(src.shape[0], z0 + slab) for z0 in starts]
+        client.gather(
+            [
+                client.submit(_task_relabel, str(out), z0, z1, k * ID_STRIDE, luts[k], pure=False)
+                for k, (z0, z1) in enumerate(zip(starts, ends))
+            ]
+        )
+    return zarr.open_array(str(out), mode="r")
+
+
+def _check_stack(source: str | Path, out: str | Path, method: str, slab: int, halo: int) -> Any:
+    """The (Z, Y, X) source array; refuses bad settings and an existing output."""
+    import zarr
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -118,78 +163,101 @@ def segment_stack_distributed(
         raise ValueError(f"the stack must be (Z, Y, X); {source} has shape {src.shape}")
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; a 3-D result is written to a new zarr array")
-    model_obj, data = _model_bytes(model)
-    names = list(
-        getattr(model_obj, "class_names", None) or default_class_names(model_obj.num_classes)
-    )
+    return src
+
+
+def _segment_kwargs(
+    model: Any,
+    method: str,
+    spacing: Sequence[float] | None,
+    stitch_iou: float,
+    threshold: float,
+    min_size: int,
+) -> dict[str, Any]:
+
+    names = model.class_names
     seg: dict[str, Any] = {"class_names": names, "threshold": threshold, "min_size": min_size}
     if method == "3d":
         seg["spacing"] = None if spacing is None else tuple(float(s) for s in spacing)
     else:
         seg["stitch_iou"] = stitch_iou
-    depth = src.shape[0]
-    dst = zarr.create_array(
-        str(out), shape=src.shape, chunks=(1, *(min(1024, s) for s in src.shape[1:])),
-        dtype="uint32", fill_value=0,
-    )  # fmt: skip
-    starts = list(range(0, depth, slab))
-    import hashlib
+    return seg
 
-    key = hashlib.sha256(data).hexdigest()
-    with connect(scheduler) as client:
-        per_host: dict[str, int] = {}
-        for info in client.scheduler_info().get("workers", {}).values():
-            host = info.get("host", "")
-            per_host[host] = per_host.get(host, 0) + 1
-        _register(client, _ModelPlugin(key, data, predict_kwargs.pop("device", "cpu"), 1, per_host))
-        futures = [
-            client.submit(
-                _task_slab,
-                key,
-                str(source),
-                str(out),
-                k,
-                z0,
-                min(depth, z0 + slab),
-                halo,
-                method,
-                seg,
-                predict_kwargs,
-                pure=False,
-            )  # fmt: skip
-            for k, z0 in enumerate(starts)
-        ]
-        results = []
-        for k, fut in enumerate(futures):
-            results.append(fut.result())
-            if progress is not None:
-                progress(k + 1, len(starts))
-        uf = _UnionFind()
-        for k in range(1, len(starts)):
-            seen = results[k][1]
-            if seen is not None:
-                last = np.asarray(dst[starts[k] - 1]).astype(np.int64)
-                _join_plane(last, seen.astype(np.int64), uf)
-        new_id: dict[int, int] = {}
-        luts = []
-        for k, (n, _, present) in enumerate(results):  # ids 1..N in slab order, cores only
-            lut = np.zeros(n + 1, np.uint32)
-            for local in present.tolist():
-                root = uf.find(k * ID_STRIDE + local)
-                lut[local] = new_id.setdefault(root, len(new_id) + 1)
-            luts.append(lut)
-        client.gather(
-            [
-                client.submit(
-                    _task_relabel,
-                    str(out),
-                    z0,
-                    min(depth, z0 + slab),
-                    k * ID_STRIDE,
-                    luts[k],
-                    pure=False,
-                )  # fmt: skip
-                for k, z0 in enumerate(starts)
-            ]
-        )
-    return zarr.open_array(str(out), mode="r")
+
+def _compiled(model: Any, shape: tuple[int, ...], device: Any, kwargs: dict[str, Any]) -> Any:
+    """The runtime of every slab's ``predict``, decided here (the rule of ``predict``),
+    exported once here: the export to ship, or None (torch). Pops ``runtime``."""
+    import torch
+
+    from .distributed.compiled import choose_runtime
+    from .inference.plan import tile_plan_for
+
+    plan = tile_plan_for(
+        model, tuple(shape[1:]), tile_size=kwargs.get("tile_size"),
+        exact=bool(kwargs.get("exact", False)), device=torch.device("cpu"),
+        halo=kwargs.get("halo"),
+    )  # fmt: skip
+    _, compiled = choose_runtime(
+        model, plan, windows=plan.n_tiles * shape[0], device=device,
+        runtime=kwargs.pop("runtime", None), exact=bool(kwargs.get("exact", False)),
+        amp=kwargs.get("amp"), level=kwargs.get("level"),
+    )  # fmt: skip
+    return compiled
+
+
+def _predict_slabs(
+    client: Any,
+    key: str,
+    paths: tuple[str, str],
+    starts: list[int],
+    depth: int,
+    sizes: tuple[int, int],
+    method: str,
+    seg: dict[str, Any],
+    predict_kwargs: dict[str, Any],
+    progress: Callable[[int, int], None] | None,
+) -> list[tuple[int, np.ndarray | None, np.ndarray]]:
+    """One slab task per start (``sizes``: planes per slab, halo planes); results in order."""
+    slab, halo = sizes
+    futures = [
+        client.submit(
+            _task_slab,
+            key,
+            *paths,
+            k,
+            z0,
+            min(depth, z0 + slab),
+            halo,
+            method,
+            seg,
+            predict_kwargs,
+            pure=False,
+        )  # fmt: skip
+        for k, z0 in enumerate(starts)
+    ]
+    results = []
+    for k, fut in enumerate(futures):
+        results.append(fut.result())
+        if progress is not None:
+            progress(k + 1, len(starts))
+    return results
+
+
+def _slab_luts(dst: Any, starts: list[int], results: list[Any]) -> list[np.ndarray]:
+    """Per slab: local id → final id (objects shared across slab borders joined, ids 1..N
+    in slab order, cores only)."""
+    uf = _UnionFind()
+    for k in range(1, len(starts)):
+        seen = results[k][1]
+        if seen is not None:
+            last = np.asarray(dst[starts[k] - 1]).astype(np.int64)
+            _join_plane(last, seen.astype(np.int64), uf)
+    new_id: dict[int, int] = {}
+    luts = []
+    for k, (n, _, present) in enumerate(results):
+        lut = np.zeros(n + 1, np.uint32)
+        for local in present.tolist():
+            root = uf.find(k * ID_STRIDE + local)
+            lut[local] = new_id.setdefault(root, len(new_id) + 1)
+        luts.append(lut)
+    return luts

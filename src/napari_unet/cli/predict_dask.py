@@ -39,6 +39,7 @@ def predict_dask(args: argparse.Namespace, image) -> int:
             tile_size=args.tile,
             batch_size=args.batch,
             device=args.device,
+            runtime=args.runtime,
             level=args.level,
             mode=args.mode,
             min_size=args.min_size,

@@ -192,6 +192,124 @@ def is_exported(key: str) -> bool:
     return xml.is_file() and xml.with_suffix(".bin").is_file()
 
 
+def compiled_precision(
+    model: torch.nn.Module,
+    window: tuple[int, int, int],
+    *,
+    windows: int,
+    device: torch.device,
+    runtime: str | None = None,
+    exact: bool = False,
+    amp: bool | None = None,
+    outputs: str = "final",
+    level: int | None = None,
+) -> str | None:
+    """The precision (``"f32"``/``"bf16"``) of the OpenVINO runtime a job runs on, or None
+    for torch: :func:`resolve_runtime`; ``"auto"`` keeps :data:`AUTO_SKIP` variants on torch,
+    and jobs of fewer than :data:`AUTO_MIN_WINDOWS` ``windows`` unless these weights are
+    already exported; fp32 in exact mode, bf16 otherwise on CPUs with bf16 units unless
+    ``amp=False``. The rule of ``predict`` and of the dask run alike."""
+    from ..runtime import cpu_has_bf16
+
+    name, _ = resolve_runtime(device, runtime)
+    if name != "openvino":
+        return None
+    chosen = runtime or os.environ.get(RUNTIME_ENV) or "auto"
+    if chosen == "auto" and getattr(model, "name", None) in AUTO_SKIP:
+        return None
+    if chosen == "auto" and windows < AUTO_MIN_WINDOWS:
+        # a small job on weights never exported (e.g. just trained): the one-off export
+        # would cost more than running the few windows on torch
+        if not is_exported(export_key(model, window, outputs, level)):
+            return None
+    return "bf16" if not exact and amp is not False and cpu_has_bf16() else "f32"
+
+
+def _reason(model: Any, err: BaseException) -> str:
+    text = " ".join(str(err).split())[:200] or type(err).__name__
+    return f"{getattr(model, 'name', 'model')} cannot run on OpenVINO ({text})"
+
+
+def export_ir(
+    model: torch.nn.Module,
+    window: tuple[int, int, int],
+    *,
+    outputs: str = "final",
+    level: int | None = None,
+    key: str | None = None,
+) -> tuple[Path, bool] | str:
+    """Export ``model`` for windows ``window`` into the disk cache, once per key.
+
+    Returns:
+        (the OpenVINO ``.xml`` path, whether it was cached already), or a one-line reason
+        why this model cannot be converted (nothing half-written is left in the cache).
+    """
+    key = key or export_key(model, window, outputs, level)
+    xml = cache_dir() / "openvino" / f"{key}.xml"
+    if xml.is_file() and xml.with_suffix(".bin").is_file():
+        return xml, True
+    try:
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        _export(model, window, outputs, level, xml)
+    except Exception as err:  # noqa: BLE001 - any conversion failure falls back to torch
+        for p in (xml, xml.with_suffix(".bin")):
+            p.unlink(missing_ok=True)
+        return _reason(model, err)
+    return xml, False
+
+
+class _NoBf16(ValueError):
+    """The CPU has no bf16 units (the export itself is fine)."""
+
+
+def _compile(xml: Path, precision: str, threads: int) -> Backend:
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(xml.parent / "compiled")})  # compiled blobs
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        raise _NoBf16("this CPU has no bf16 units; use precision='f32'")
+    compiled = core.compile_model(
+        core.read_model(str(xml)),
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": int(threads),
+            "PERFORMANCE_HINT": "LATENCY",
+        },
+    )
+    n_out = len(compiled.outputs)
+    request_lock = threading.Lock()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        with request_lock:
+            result = compiled(np.ascontiguousarray(x, dtype=np.float32))
+            return [np.array(result[k], dtype=np.float32, copy=True) for k in range(n_out)]
+
+    return Backend("openvino", precision, run)
+
+
+def _remember(memo: tuple[Any, ...], backend: Backend) -> Backend:
+    _COMPILED[memo] = backend
+    while len(_COMPILED) > _MAX_COMPILED:  # a model retrained many times: keep the last
+        _COMPILED.pop(next(iter(_COMPILED)))
+    return backend
+
+
+def compile_ir(xml: str | Path, *, precision: str = "f32", threads: int | None = None) -> Backend:
+    """Compile an exported model (an ``.xml`` of :func:`export_ir`) for the CPU; never
+    exports. Raises when OpenVINO cannot load or compile it (e.g. a dask worker with
+    another OpenVINO version than the client that exported it)."""
+    from ..runtime import choose_threads
+
+    xml, threads = Path(xml), threads or choose_threads()
+    memo = (xml.stem, precision, threads)
+    with _LOCK:
+        if memo in _COMPILED:
+            return _COMPILED[memo]
+        return _remember(memo, _compile(xml, precision, threads))
+
+
 def openvino_backend(
     model: torch.nn.Module,
     window: tuple[int, int, int],
@@ -214,8 +332,6 @@ def openvino_backend(
     Returns:
         The :class:`Backend`, or a one-line reason why this model stays on torch.
     """
-    import openvino as ov
-
     from ..runtime import choose_threads
 
     threads = threads or choose_threads()
@@ -224,47 +340,21 @@ def openvino_backend(
     with _LOCK:
         if memo in _COMPILED:
             return _COMPILED[memo]
-        folder = cache_dir() / "openvino"
-        xml = folder / f"{key}.xml"
-        cached = xml.is_file() and xml.with_suffix(".bin").is_file()
+        exported = export_ir(model, window, outputs=outputs, level=level, key=key)
+        if isinstance(exported, str):
+            return exported
+        xml, cached = exported
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            backend = _compile(xml, precision, threads)
+        except _NoBf16 as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 - any failure falls back to torch
             if not cached:
-                _export(model, window, outputs, level, xml)
-            core = ov.Core()
-            core.set_property({"CACHE_DIR": str(folder / "compiled")})  # compiled blobs
-            if precision == "bf16" and "BF16" not in core.get_property(
-                "CPU", "OPTIMIZATION_CAPABILITIES"
-            ):
-                return "this CPU has no bf16 units; use precision='f32'"
-            compiled = core.compile_model(
-                core.read_model(str(xml)),
-                "CPU",
-                {
-                    "INFERENCE_PRECISION_HINT": precision,
-                    "INFERENCE_NUM_THREADS": int(threads),
-                    "PERFORMANCE_HINT": "LATENCY",
-                },
-            )
-        except Exception as err:  # noqa: BLE001 - any conversion failure falls back to torch
-            for p in (xml, xml.with_suffix(".bin")):
-                if not cached:
+                for p in (xml, xml.with_suffix(".bin")):
                     p.unlink(missing_ok=True)
-            text = " ".join(str(err).split())[:200] or type(err).__name__
-            return f"{getattr(model, 'name', 'model')} cannot run on OpenVINO ({text})"
-        n_out = len(compiled.outputs)
-        request_lock = threading.Lock()
-
-        def run(x: np.ndarray) -> list[np.ndarray]:
-            with request_lock:
-                result = compiled(np.ascontiguousarray(x, dtype=np.float32))
-                return [np.array(result[k], dtype=np.float32, copy=True) for k in range(n_out)]
-
-        backend = Backend("openvino", precision, run, cached)
-        _COMPILED[memo] = backend
-        while len(_COMPILED) > _MAX_COMPILED:  # a model retrained many times: keep the last
-            _COMPILED.pop(next(iter(_COMPILED)))
-        return backend
+            return _reason(model, err)
+        backend.cached = cached
+        return _remember(memo, backend)
 
 
 def clear_compiled() -> None:

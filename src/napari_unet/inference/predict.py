@@ -137,11 +137,12 @@ def predict(
             model, image, scheduler=scheduler, out=out, axes=axes, channel=channel,
             tile_size=tile_size, batch_size=batch_size, device=device, amp=amp,
             exact=exact, halo=halo, level=level, progress=progress, cancel=cancel,
+            runtime=runtime,
         )  # fmt: skip
     model = resolve_model(model)
     if outputs not in ("final", "all"):
         raise ValueError(f"outputs must be 'final' or 'all', got {outputs!r}")
-    if level is not None and not hasattr(model, "level_parameters"):
+    if level is not None and not model.supports_levels:
         raise ValueError(f"level= prunes UNet++ only; {model.name} has no levels")
     layout = resolve_layout(image, model.in_channels, axes, channel)
     dev, _ = select_device(device)
@@ -236,36 +237,20 @@ def _cuda_step_down_reason(exc: BaseException, dev: torch.device) -> str | None:
 
 
 def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> Any:
-    """The OpenVINO backend for this plan's window, or None (torch): see
-    :func:`napari_unet.backends.resolve_runtime`; a model that cannot be converted stays on
-    torch with a one-line warning."""
-    from ..runtime import cpu_has_bf16
-    from .backends import (
-        AUTO_MIN_WINDOWS,
-        AUTO_SKIP,
-        RUNTIME_ENV,
-        export_key,
-        is_exported,
-        openvino_backend,
-        resolve_runtime,
-    )
+    """The OpenVINO backend for this plan's window, or None (torch): the rule of
+    :func:`~.backends.compiled_precision` (shared with the dask run); a model that cannot
+    be converted stays on torch with a one-line warning."""
+    from .backends import compiled_precision, openvino_backend
 
-    name, _ = resolve_runtime(dev, runtime)
-    if name != "openvino":
-        return None
-    fast = not exact and amp is not False and cpu_has_bf16()
     window = (model.in_channels, *plan.window_shape)
-    chosen = runtime or os.environ.get(RUNTIME_ENV) or "auto"
-    if chosen == "auto" and model.name in AUTO_SKIP:
+    precision = compiled_precision(
+        model, window, windows=plan.n_tiles * layout.n_planes, device=dev, runtime=runtime,
+        exact=exact, amp=amp, outputs=opts.outputs, level=opts.level,
+    )  # fmt: skip
+    if precision is None:
         return None
-    windows = plan.n_tiles * layout.n_planes
-    if chosen == "auto" and windows < AUTO_MIN_WINDOWS:
-        # a small job on weights never exported (e.g. just trained): the one-off export
-        # would cost more than running the few windows on torch
-        if not is_exported(export_key(model, window, opts.outputs, opts.level)):
-            return None
     backend = openvino_backend(
-        model, window, outputs=opts.outputs, level=opts.level, precision="bf16" if fast else "f32"
+        model, window, outputs=opts.outputs, level=opts.level, precision=precision
     )
     if isinstance(backend, str):
         warnings.warn(f"napari-unet: running on torch: {backend}", stacklevel=4)
