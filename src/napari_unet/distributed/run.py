@@ -249,7 +249,7 @@ def _record_runtime(group: Any, chosen: str, compiled: Any, ran: Counter) -> Non
     if fallback:
         warnings.warn(
             f"napari-unet: {fallback} of {sum(ran.values())} chunks ran on torch instead of "
-            f"{chosen} (workers that could not load it; see their logs)",
+            f"{chosen} (workers on a GPU, or that could not load it: see their logs)",
             RuntimeWarning,
             stacklevel=4,
         )
