@@ -57,18 +57,15 @@ def resolve_demo_model(model: Any = None) -> tuple[Any, str, bool]:
     if model is None:
         return default_or_fallback()
     if isinstance(model, (str, Path)):
-        import warnings
-
         from .inference.resolve import resolve_model
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            resolved = resolve_model(model)
-        is_checkpoint = str(model).endswith(".safetensors")
+        resolved, trained = resolve_model(model)
+        if Path(model).suffix or Path(model).exists():
+            return resolved, f"checkpoint {Path(model).name}", False
         return (
             resolved,
-            (f"checkpoint {Path(model).name}" if is_checkpoint else f"untrained {resolved.name}"),
-            not is_checkpoint,
+            (f"bundled {model}" if trained else f"untrained {resolved.name}"),
+            not trained,
         )
     return model, "given model", False
 

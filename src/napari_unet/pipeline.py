@@ -201,7 +201,7 @@ def segment_image(
     from .inference.resolve import resolve_model
     from .runtime import select_device
 
-    model = resolve_model(model)
+    model, _ = resolve_model(model)
     dev, why = select_device(device)
     ran_on, _ = resolve_runtime(dev, runtime)
     if stage is not None:

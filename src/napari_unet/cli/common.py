@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from pathlib import Path
 
 STOP = threading.Event()
 """Set by the first Ctrl-C / SIGTERM: the engine stops at its next batch (cancel token)."""
@@ -44,11 +43,8 @@ def cli_model(spec: str | None, untrained: bool):
     """``-m``: None → the bundled default; a bundled name → its trained weights
     (``unetpp``, ``unet3p``, ``u2netp``, ``swin_unet``, ``unet_valid``, ``unet``); a
     ``.safetensors`` path → that checkpoint; ``--untrained`` → a fresh 3-class network."""
-    import warnings
-
     from ..inference.resolve import resolve_model
     from ..models import build_model
-    from ..models.pretrained import is_pretrained, load_pretrained
 
     if untrained:
         if spec is None or str(spec).endswith(".safetensors"):
@@ -56,12 +52,8 @@ def cli_model(spec: str | None, untrained: bool):
         model = build_model(str(spec), 1, 3)
         print(f"warning: {spec!r}: a fresh, untrained {model.name}", file=sys.stderr)
         return model
-    if spec is not None and is_pretrained(spec):
-        return load_pretrained(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = resolve_model(spec)
-    if spec is not None and not Path(spec).suffix and not Path(spec).exists():
+    model, trained = resolve_model(spec)
+    if not trained:
         print(
             f"warning: {spec!r} has no bundled weights: an untrained {model.name}; "
             "pass a checkpoint",

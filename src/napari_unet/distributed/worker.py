@@ -127,7 +127,7 @@ def model_bytes(model: Any) -> tuple[Any, bytes]:
         path = Path(model)
         if path.is_file():
             return checkpoint.load_model(path), path.read_bytes()
-        model = resolve_model(model)  # a variant name (bundled trained, else untrained)
+        model, _ = resolve_model(model)  # a variant name (bundled trained, else untrained)
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save_model(model, Path(tmp) / "model.safetensors")
         return model, path.read_bytes()

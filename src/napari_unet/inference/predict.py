@@ -128,18 +128,9 @@ def predict(
 
         opened = open_image(image)
         image, axes = opened.data, axes or opened.axes
-    if scheduler is not None:
-        if outputs != "final":
-            raise ValueError("distributed prediction returns the final output only")
-        from ..distributed import predict_distributed
-
-        return predict_distributed(
-            model, image, scheduler=scheduler, out=out, axes=axes, channel=channel,
-            tile_size=tile_size, batch_size=batch_size, device=device, amp=amp,
-            exact=exact, halo=halo, level=level, progress=progress, cancel=cancel,
-            runtime=runtime,
-        )  # fmt: skip
-    model = resolve_model(model)
+    if scheduler is not None:  # the one hand-off to the cluster code (it never calls back)
+        return _on_cluster(model, image, scheduler, outputs, locals())
+    model = _trained_or_warned(model)
     if outputs not in ("final", "all"):
         raise ValueError(f"outputs must be 'final' or 'all', got {outputs!r}")
     if level is not None and not model.supports_levels:
@@ -148,9 +139,38 @@ def predict(
     dev, _ = select_device(device)
     run = _Run(tile_size or DEFAULT_TILE[dev.type], batch_size or DEFAULT_BATCH[dev.type],
                amp, exact, outputs, level, progress, cancel, halo, runtime)  # fmt: skip
+    arrays = _predict_all(model, layout, out, image, dev, run)
+    return (arrays[0], arrays[1:]) if outputs == "all" else arrays[0]
+
+
+_CLUSTER_ARGS = ("out", "axes", "channel", "tile_size", "batch_size", "device", "amp", "exact",
+                 "halo", "level", "progress", "cancel", "runtime")  # fmt: skip
+
+
+def _on_cluster(model: Any, image: Any, scheduler: Any, outputs: str, args: dict) -> Any:
+    """``predict(scheduler=...)``: the whole run on dask (final output only)."""
+    if outputs != "final":
+        raise ValueError("distributed prediction returns the final output only")
+    from ..distributed import predict_distributed
+
+    kwargs = {k: args[k] for k in _CLUSTER_ARGS}
+    return predict_distributed(model, image, scheduler=scheduler, **kwargs)
+
+
+def _trained_or_warned(spec: Any) -> SegmentationModel:
+    """The network of ``spec``; a variant name without bundled weights is built untrained,
+    with a warning (the API's one place to say so; the CLI and widgets show it instead)."""
+    model, trained = resolve_model(spec)
+    if not trained:
+        warnings.warn(f"{spec!r} is a variant name: its weights are untrained", stacklevel=3)
+    return model
+
+
+def _predict_all(model, layout: Layout, out, image, dev: torch.device, run: _Run) -> list:
+    """Allocate the outputs, predict into them, and commit (or remove) created stores."""
     created: list[Target] = []
     try:
-        arrays = _allocate_all(model, layout, out, image, outputs, created)
+        arrays = _allocate_all(model, layout, out, image, run.outputs, created)
         _run_stepping_down(model, layout, arrays, dev, run)
         if created:
             import zarr
@@ -161,9 +181,7 @@ def predict(
         for target in created:
             target.abort()
         raise
-    if outputs == "all":
-        return arrays[0], arrays[1:]
-    return arrays[0]
+    return arrays
 
 
 @dataclass

@@ -2,32 +2,46 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from ..models.base import SegmentationModel
 
 
-def resolve_model(model: SegmentationModel | str | Path | None) -> SegmentationModel:
-    """A model object, a checkpoint / package path, a bundled trained variant's name
-    (``"unetpp"``: :func:`napari_unet.load_pretrained`), another variant name (untrained, with
-    a warning) or None (the bundled default U-Net)."""
+class Resolved(NamedTuple):
+    """A network and whether its weights were trained (False: a variant built fresh)."""
+
+    model: SegmentationModel
+    trained: bool
+
+
+def resolve_model(model: SegmentationModel | str | Path | None) -> Resolved:
+    """The network a caller means, and whether it is trained.
+
+    Args:
+        model: a model object (taken as trained), a checkpoint / bioimage.io package path,
+            a bundled trained variant's name (``"unetpp"``:
+            :func:`napari_unet.load_pretrained`), another variant name (built untrained)
+            or None (the bundled default U-Net).
+
+    Returns:
+        ``Resolved(model, trained)``; nothing is warned here — callers say it their way.
+    """
     if isinstance(model, SegmentationModel):
-        return model
+        return Resolved(model, True)
     from .. import checkpoint
 
     if model is None:
-        return checkpoint.load_default_model()
+        return Resolved(checkpoint.load_default_model(), True)
     path = Path(model)
     if path.suffix or path.exists():
         from ..loader import load_model  # a checkpoint or a bioimage.io package
 
-        return load_model(path)
+        return Resolved(load_model(path), True)
     from ..models.pretrained import is_pretrained, load_pretrained
 
     if is_pretrained(str(model)):
-        return load_pretrained(str(model))
+        return Resolved(load_pretrained(str(model)), True)
     from ..models import build_model
 
-    warnings.warn(f"{model!r} is a variant name: its weights are untrained", stacklevel=2)
-    return build_model(str(model))
+    return Resolved(build_model(str(model)), False)
