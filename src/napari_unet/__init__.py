@@ -26,6 +26,7 @@ _LAZY = {
     "predict": "napari_unet.inference.predict",
     "Cancelled": "napari_unet.runtime",
     "segment": "napari_unet.postprocess",
+    "segment_image": "napari_unet.pipeline",
     "border_weight_map": "napari_unet.weightmap",
     "save_model": "napari_unet.checkpoint",
     "load_model": "napari_unet.loader",

@@ -326,7 +326,7 @@ def segment_stack(
         (Z, Y, X) uint32 labels (``out`` when given).
     """
     _check_stack(stack, method, axes)
-    seg_kwargs = _segment_kwargs(model, method, spacing, stitch_iou, threshold, min_size)
+    seg_kwargs = segment_kwargs(model, method, spacing, stitch_iou, threshold, min_size)
     depth, plane_px = int(stack.shape[0]), int(stack.shape[-1]) * int(stack.shape[-2])
     if slab is None:
         whole = model.num_classes * depth * plane_px * 4 <= 2**30
@@ -358,7 +358,7 @@ def _check_stack(stack: Any, method: str, axes: str) -> None:
         raise ValueError(f"stack of shape {tuple(stack.shape)} does not match axes {axes!r}")
 
 
-def _segment_kwargs(
+def segment_kwargs(
     model: Any,
     method: str,
     spacing: Sequence[float] | None,
@@ -366,18 +366,18 @@ def _segment_kwargs(
     threshold: float,
     min_size: int,
 ) -> dict[str, Any]:
-    """The keyword arguments of :func:`segment_volume` / :func:`stitch_planes` per slab."""
-    names = model.class_names
-    seg_kwargs: dict[str, Any] = {
-        "class_names": names,
+    """The keyword arguments of :func:`segment_volume` / :func:`stitch_planes` per slab
+    (single-process and dask alike); ``spacing`` in (z, y, x) units, as floats."""
+    seg: dict[str, Any] = {
+        "class_names": model.class_names,
         "threshold": threshold,
         "min_size": min_size,
     }
     if method == "3d":
-        seg_kwargs["spacing"] = spacing
+        seg["spacing"] = None if spacing is None else tuple(float(v) for v in spacing)
     else:
-        seg_kwargs["stitch_iou"] = stitch_iou
-    return seg_kwargs
+        seg["stitch_iou"] = stitch_iou
+    return seg
 
 
 class _PlaneCache:

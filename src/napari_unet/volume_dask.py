@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .volume import METHODS, _join_plane, _slab_labels, _UnionFind
+from .volume import METHODS, _join_plane, _slab_labels, _UnionFind, segment_kwargs
 
 ID_STRIDE = 2**22
 """Ids reserved per slab before renumbering (4 194 304 objects per slab)."""
@@ -123,7 +123,7 @@ def segment_stack_distributed(
 
     src = _check_stack(source, out, method, slab, halo)
     model_obj, data = model_bytes(model)
-    seg = _segment_kwargs(model_obj, method, spacing, stitch_iou, threshold, min_size)
+    seg = segment_kwargs(model_obj, method, spacing, stitch_iou, threshold, min_size)
     starts = list(range(0, src.shape[0], slab))
     device = predict_kwargs.pop("device", "cpu")
     compiled = _compiled(model_obj, src.shape, device, predict_kwargs)
@@ -164,24 +164,6 @@ def _check_stack(source: str | Path, out: str | Path, method: str, slab: int, ha
     if Path(out).exists():
         raise FileExistsError(f"{out} exists; a 3-D result is written to a new zarr array")
     return src
-
-
-def _segment_kwargs(
-    model: Any,
-    method: str,
-    spacing: Sequence[float] | None,
-    stitch_iou: float,
-    threshold: float,
-    min_size: int,
-) -> dict[str, Any]:
-
-    names = model.class_names
-    seg: dict[str, Any] = {"class_names": names, "threshold": threshold, "min_size": min_size}
-    if method == "3d":
-        seg["spacing"] = None if spacing is None else tuple(float(s) for s in spacing)
-    else:
-        seg["stitch_iou"] = stitch_iou
-    return seg
 
 
 def _compiled(model: Any, shape: tuple[int, ...], device: Any, kwargs: dict[str, Any]) -> Any:
