@@ -145,6 +145,7 @@ def test_export_refuses_to_overwrite(default_package):
         export_bioimageio(model, path.with_suffix(".tif"))
 
 
+@pytest.mark.slow
 def test_export_other_variants(tmp_path):
     """UNet++ (deep supervision: the final head) and the paper's valid U-Net export; the
     ONNX graph equals torch; the valid U-Net's output axes are the input minus its halo."""
@@ -175,6 +176,7 @@ def test_export_other_variants(tmp_path):
                 load_bioimageio(path, prefer="onnx")
 
 
+@pytest.mark.slow
 def test_cli_export_and_bioimageio_test_cli_on_a_freshly_trained_model(tmp_path, nuclei, capsys):
     """Train a small network a few steps, export it with the CLI, run the `bioimageio test`
     command line (offline) on the package, and import it back."""

@@ -13,6 +13,7 @@ import torch
 
 distributed = pytest.importorskip("distributed")
 zarr = pytest.importorskip("zarr")
+pytestmark = pytest.mark.slow  # dask clusters: a 4096² reference and worker processes
 
 from napari_unet import distributed as dist  # noqa: E402
 from napari_unet.checkpoint import load_model, save_model  # noqa: E402
