@@ -98,53 +98,6 @@ def oom_step_down(model, image: np.ndarray) -> dict:
     }
 
 
-def host_stages(model, image: np.ndarray) -> dict:
-    """Where tiled predict's time goes on the host, each stage alone on one thread
-    (seconds for the whole image): statistics, reading + normalising every window,
-    allocating the output, and copying every core into it."""
-    from napari_unet.inference.layout import resolve_layout
-    from napari_unet.inference.normalize import get_normalization
-    from napari_unet.inference.plan import tile_plan_for
-    from napari_unet.inference.source import PlaneSource
-
-    layout = resolve_layout(image, model.in_channels, None, None)
-    plan = tile_plan_for(model, layout.spatial, device=torch.device("cuda"))
-    rows, cols = plan.rows, plan.cols
-    t0 = time.perf_counter()
-    source = PlaneSource.open(layout, 0, get_normalization(model))
-    t1 = time.perf_counter()
-    for i, j in plan.tiles():
-        r = np.arange(rows.starts[i], rows.starts[i] + rows.window) - rows.pad_before
-        c = np.arange(cols.starts[j], cols.starts[j] + cols.window) - cols.pad_before
-        source.read(r, c)
-    t2 = time.perf_counter()
-    out = np.zeros((model.num_classes, *layout.spatial), np.float32)
-    t3 = time.perf_counter()
-    block = np.random.default_rng(0).random((model.num_classes, rows.window, cols.window))
-    block = block.astype(np.float32)
-    for i, j in plan.tiles():
-        ra, rb, ro = rows.cores[i]
-        ca, cb, co = cols.cores[j]
-        out[:, ra:rb, ca:cb] = block[:, ro : ro + rb - ra, co : co + cb - ca]
-    t4 = time.perf_counter()
-    pinned = torch.empty(out.shape, dtype=torch.float32, pin_memory=True).numpy()
-    t5 = time.perf_counter()
-    for i, j in plan.tiles():
-        ra, rb, ro = rows.cores[i]
-        ca, cb, co = cols.cores[j]
-        pinned[:, ra:rb, ca:cb] = block[:, ro : ro + rb - ra, co : co + cb - ca]
-    t6 = time.perf_counter()
-    return {
-        "windows": plan.n_tiles,
-        "statistics_s": round(t1 - t0, 3),
-        "read_normalise_s": round(t2 - t1, 3),
-        "allocate_s": round(t3 - t2, 3),
-        "stitch_s": round(t4 - t3, 3),
-        "allocate_pinned_s": round(t5 - t4, 3),
-        "stitch_pinned_s": round(t6 - t5, 3),
-    }
-
-
 def variants(repeats: int) -> list[dict]:
     """Per bundled variant: GPU tiled Mpx/s (4096²) and F1 on CUDA vs CPU (Compare)."""
     from napari_unet._sample_data import nuclei_image, nuclei_labels
@@ -216,7 +169,6 @@ def main() -> None:
     raw = raw_forward_mps(model, 1024, 4, args.repeats)
     raw_host = raw_forward_mps(model, 1024, 4, args.repeats, host=True)
     tiled, _ = tiled_mps(model, image, args.repeats)
-    stages = host_stages(model, image)
     huge = np.tile(tile, (args.huge // 1024, args.huge // 1024))
     sync()
     t0 = time.perf_counter()
@@ -234,7 +186,6 @@ def main() -> None:
         "raw_forward_to_host_mpx_s": round(raw_host, 1),
         "tiled_predict_mpx_s": round(tiled, 1),
         "throughput_ratio": round(tiled / raw, 3),
-        "host_stages_8192": stages,
         "goal_ratio": 0.8,
         "huge": {
             "size": args.huge,
@@ -248,9 +199,6 @@ def main() -> None:
     print(f"{'device':<28}{result['device']}")
     print(f"{'raw batched forward':<28}{raw:.1f} Mpx/s (1024² windows, batch 4, bf16)")
     print(f"{'raw forward + copy to host':<28}{raw_host:.1f} Mpx/s")
-    print(
-        f"{'host stages, 8192², 1 thread':<28}" + ", ".join(f"{k} {v}" for k, v in stages.items())
-    )
     print(f"{'tiled predict (8192²)':<28}{tiled:.1f} Mpx/s → ratio {tiled / raw:.2f} (goal ≥ 0.8)")
     print(f"{f'predict {args.huge}²':<28}{huge_s:.1f} s ({result['huge']['mpx_s']} Mpx/s)")
     print(f"{'OOM step-down (1.5 GiB cap)':<28}{len(oom['step_downs'])} steps, "

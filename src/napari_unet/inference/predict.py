@@ -46,22 +46,11 @@ def _allocate(
     image: Any,
     created: list[Target],
     kind: str | None = None,
-    pinned: bool = False,
 ) -> Any:
     """numpy array, a given array, or a new zarr store at ``out`` — checked by the
     write-safety module (never an existing path, never the input) and written under a
-    partial name (listed in ``created`` before it exists) until :meth:`Target.commit`.
-
-    ``pinned`` (CUDA runs): the numpy array lives in page-locked memory, whose pages the
-    driver maps in bulk; stitching into fresh ``np.zeros`` pages instead cost more than
-    the network on the GPU (first-touch page faults, see bench/gpu.py's host stages)."""
+    partial name (listed in ``created`` before it exists) until :meth:`Target.commit`."""
     if out is None:
-        if pinned:
-            try:
-                # every pixel is written: cores tile the plane, blending writes it whole
-                return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
-            except RuntimeError:  # no page-locked memory left: ordinary memory
-                pass
         return np.zeros(shape, dtype=np.float32)
     if isinstance(out, (str, Path)):
         import zarr
@@ -181,9 +170,7 @@ def _predict_all(model, layout: Layout, out, image, dev: torch.device, run: _Run
     """Allocate the outputs, predict into them, and commit (or remove) created stores."""
     created: list[Target] = []
     try:
-        arrays = _allocate_all(
-            model, layout, out, image, run.outputs, created, pinned=dev.type == "cuda"
-        )
+        arrays = _allocate_all(model, layout, out, image, run.outputs, created)
         _run_stepping_down(model, layout, arrays, dev, run)
         if created:
             import zarr
@@ -213,18 +200,16 @@ class _Run:
     runtime: str | None
 
 
-def _allocate_all(
-    model, layout: Layout, out, image, outputs: str, created, pinned: bool = False
-) -> list[Any]:
+def _allocate_all(model, layout: Layout, out, image, outputs: str, created) -> list[Any]:
     """The final output's array, then one per head with ``outputs="all"``."""
     h, w = layout.spatial
     shape = (model.num_classes, *layout.leading, h, w)
     chunks = (model.num_classes,) + (1,) * len(layout.leading) + (min(h, 1024), min(w, 1024))
     n_heads = model.num_outputs if outputs == "all" else 0
-    arrays = [_allocate(out, shape, chunks, image, created, pinned=pinned)]
+    arrays = [_allocate(out, shape, chunks, image, created)]
     for k in range(1, 1 + n_heads):
         dest = f"{out}.head{k}" if isinstance(out, (str, Path)) else None
-        arrays.append(_allocate(dest, shape, chunks, image, created, "zarr", pinned=pinned))
+        arrays.append(_allocate(dest, shape, chunks, image, created, "zarr"))
     return arrays
 
 
