@@ -1,6 +1,7 @@
 """Train the bundled model zoo: one trained checkpoint per U-Net family variant.
 
     .venv/bin/python scripts/train_zoo.py [--variants unetpp unet3p ...] [--steps-scale 1.0]
+        [--threads 1] [--resume]
 
 Every variant is a 3-class (background / interior / boundary) network trained on
 synthetic fluorescence nuclei from :mod:`napari_unet.synthetic` only (64 images of
@@ -11,7 +12,11 @@ and a cosine learning-rate schedule with warm-up. Each variant is trained with t
 loss its paper prescribes (see ``ZOO[...]["loss"]``). Where a variant shares the
 U-Net encoder's layout (UNet++ ``X[i][0]``, UNet 3+ encoder, the valid U-Net) its
 encoder starts from the bundled padded U-Net (itself trained on synthetic data only);
-this is recorded as ``init`` in the checkpoint metadata.
+this is recorded as ``init`` in the checkpoint metadata. U²-Net† trains in three
+stages (``more_stages``: warm restarts with their own seeds; the last one on whole 256²
+images, since its 1/32-scale stages need more than 128² patches to learn BatchNorm
+statistics that hold on whole images); each stage's fp32 weights are kept in
+``$TMPDIR/napari-unet-zoo`` and ``--resume`` continues after the last one saved.
 
 Each checkpoint is written to ``src/napari_unet/weights/<name>.safetensors`` with its
 metadata: data, steps, seconds, loss, F1@0.5 and mean matched IoU on the development
