@@ -468,3 +468,68 @@ def test_cuda_training_learns_and_comes_back_to_the_cpu(scene):
     cpu = predict(model, img, amp=False)
     gpu = predict(model, img, device="cuda", amp=False)
     assert np.abs(cpu - gpu).max() < 1e-3
+
+
+def test_valid_unet_batches_align_and_reach_every_known_pixel(scene):
+    """A valid U-Net's output pixel (i, j) is input pixel (i + border, j + border): the
+    loss's centre crop of the target must be the target at the image position of the
+    output pixel, and known pixels at the image edge (a corner region) must be reachable
+    (the image is mirrored by ``border`` as at inference, not clipped inside it)."""
+    from napari_unet.training.data import sample_batch
+    from napari_unet.training.losses import _center_crop
+    from napari_unet.training.trainer import _patch_size
+
+    img, lab = scene
+    model = build_model("unet", 1, 3, base_channels=4, depth=2, padding="valid", norm="none")
+    b, h, w = model.border, *lab.shape
+    entry = TrainingEntry(img, lab, [(0, 24, 0, 24)])
+    data = prepare_entry(
+        entry,
+        num_classes=3,
+        in_channels=1,
+        norm={"method": "percentile", "low": 1.0, "high": 99.8},
+        weight_map=True,
+        device=torch.device("cpu"),
+        val_fraction=0.0,
+    )
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    data.image = torch.stack([yy, xx]).float()  # each input pixel carries its position
+    patch = _patch_size(model, 24)
+    out = model.output_size(patch)
+    assert out >= 24 and patch - out == 2 * b
+    reached = np.zeros((h, w), bool)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, t, ign, wgt = sample_batch(data, 8, patch, gen, b)
+        t, ign, wgt = (_center_crop(v, out, out) for v in (t, ign, wgt))
+        pos = x[:, :, b : b + out, b : b + out].long()  # input under each output pixel
+        known = ~ign
+        ys, xs = pos[:, 0][known], pos[:, 1][known]
+        assert torch.equal(t[known], data.target[ys, xs])
+        assert torch.equal(wgt[known], data.weight[ys, xs])
+        reached[ys.numpy(), xs.numpy()] = True
+    assert reached[~data.ignore.numpy()].all()  # the image corner (0, 0) included
+
+
+@pytest.mark.parametrize(
+    ("name", "trained", "frozen"),
+    [("u2netp", True, True), ("u2netp", False, False), ("unet", True, False)],
+)
+def test_u2net_fine_tuning_keeps_its_batchnorm_statistics(scene, name, trained, frozen):
+    """A trained U²-Net†'s BatchNorm running statistics (learnt on whole images) are kept
+    while its weights train on small patches; an untrained one and other families update
+    theirs as usual."""
+    img, lab = scene
+    cfg = {"width": 0.25} if name == "u2netp" else {"base_channels": 4, "depth": 2}
+    model = build_model(name, 1, 3, **cfg)
+    model.training_summary = {"steps": 1} if trained else None
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, img, lab, **FAST)
+    after = model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    same_stats = all(torch.equal(before[k], after[k]) for k in stats)
+    assert same_stats == frozen
+    assert not all(torch.equal(before[k], after[k]) for k in after if k.endswith("weight"))
+    assert not model.training and not any(m.training for m in bns)

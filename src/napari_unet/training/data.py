@@ -523,15 +523,35 @@ def _pad_to(t: torch.Tensor, ph: int, pw: int, mode: str, value: Any = 0) -> tor
     return x.reshape(*t.shape[:-2], *x.shape[-2:])
 
 
+def _pad_around(t: torch.Tensor, b: int, mode: str, value: Any = 0) -> torch.Tensor:
+    """Pad the last two dims by ``b`` on every side (:func:`_pad_to` on both corners)."""
+    t = _pad_to(t.flip(-2, -1), b, b, mode, value).flip(-2, -1)
+    return _pad_to(t, b, b, mode, value)
+
+
 def sample_batch(
-    data: TrainingData, batch_size: int, patch: int, generator: torch.Generator
+    data: TrainingData,
+    batch_size: int,
+    patch: int,
+    generator: torch.Generator,
+    border: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random ``patch``² crops whose centre lies in a known (trainable) pixel.
 
     Returns image (N, C, P, P), target (N, P, P), ignore (N, P, P), weight or None.
     Images smaller than the patch are mirror-padded (any size); padding is ignored.
+    ``border`` (a valid U-Net's ``model.border``): the image is first mirrored by that
+    many pixels on every side, as inference does, so that the centre-cropped output of a
+    patch can reach every known pixel, those near the image edge included.
     """
     img, tgt, ign, wgt = data.image, data.target, data.ignore, data.weight
+    known = data.known
+    if border > 0:
+        img = _pad_around(img, border, "reflect")
+        tgt = _pad_around(tgt, border, "constant")
+        ign = _pad_around(ign, border, "constant", value=True)
+        if wgt is not None:
+            wgt = _pad_around(wgt, border, "constant")
     h, w = tgt.shape
     ph, pw = max(0, patch - h), max(0, patch - w)
     if ph or pw:
@@ -541,11 +561,10 @@ def sample_batch(
         if wgt is not None:
             wgt = _pad_to(wgt, ph, pw, "constant")
         h, w = tgt.shape
-    known = data.known
     picks = torch.randint(len(known), (batch_size,), generator=generator).numpy()
     ims, tgs, igs, wgs = [], [], [], []
     for k in picks:
-        cy, cx = known[k]
+        cy, cx = known[k] + border
         y = int(np.clip(cy - patch // 2, 0, h - patch))
         x = int(np.clip(cx - patch // 2, 0, w - patch))
         sl = (slice(y, y + patch), slice(x, x + patch))

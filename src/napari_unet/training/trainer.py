@@ -287,7 +287,8 @@ def train(
         epochs, steps, seconds: the budget: ``steps``, or ``epochs`` × ``steps_per_epoch``
             (default 10 × 20; 0 trains nothing); ``seconds`` (wall time) adds a limit.
         lr, batch_size, patch_size: peak learning rate; patches per step; patch side in
-            pixels, rounded up to a size the model takes whole.
+            pixels, rounded up to a size the model takes whole (a valid U-Net: the side
+            of its output; the input adds ``2·model.border`` of mirrored context).
         validation, val_fraction: "auto" (validation regions, else ``val_fraction`` in
             [0, 1) of the objects when that is ≥ 5, else none), "none", "objects",
             "regions" or a fraction; no score on fewer than 5 objects.
@@ -391,9 +392,11 @@ def _prepare_data(
 
 
 def _patch_size(model: SegmentationModel, patch_size: int) -> int:
-    """``patch_size`` rounded up to the model's divisor (and to a legal valid-U-Net input)."""
-    patch = round_up(max(patch_size, model.size_divisor), model.size_divisor)
-    return model.legal_size(patch) if model.border > 0 else patch
+    """``patch_size`` rounded up to the model's divisor; for a valid U-Net the smallest legal
+    input whose output covers ``patch_size``² (the loss sees the output, not the input)."""
+    if model.border > 0:
+        return model.valid_input_size(patch_size)
+    return round_up(max(patch_size, model.size_divisor), model.size_divisor)
 
 
 def _new_history(
@@ -460,7 +463,7 @@ class _Run:
             self._emit({"kind": "start", "summary": history.data, **history.data.to_dict()})
             if o.total_steps == 0:
                 raise _Stop
-            model.train()
+            self._train_mode()
             opt = self._optimizer()
             while True:
                 self._check_stop()
@@ -481,6 +484,15 @@ class _Run:
             raise
         history.seconds = time.perf_counter() - self.start
         model.eval().to(home)
+
+    def _train_mode(self) -> None:
+        """Train mode; a trained U²-Net(†) keeps its BatchNorm running statistics (learnt on
+        whole images; re-estimated on small patches they spoil whole-image predictions)."""
+        model = self.model.train()
+        if getattr(model, "name", "") in ("u2net", "u2netp") and model.training_summary:
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def _augmenter(self) -> Augmenter | None:
         if not self.s.augment:
@@ -514,7 +526,7 @@ class _Run:
         """Sample a batch, take one optimizer step and report it (``_Stop`` on divergence)."""
         o, s = self.o, self.s
         data = self.datasets[int(torch.randint(len(self.datasets), (1,), generator=gen))]
-        x, t, ign, wgt = sample_batch(data, s.batch_size, s.patch, gen)
+        x, t, ign, wgt = sample_batch(data, s.batch_size, s.patch, gen, self.model.border)
         if aug is not None:
             x, t, ign, wgt = aug(x, t, ign, wgt)
         x, t, ign, wgt = (
@@ -578,7 +590,7 @@ class _Run:
         if scored:
             self.model.eval()
             record.update(_validate(self.model, self.datasets, self.o.dev))
-            self.model.train()
+            self._train_mode()
         record["elapsed"] = time.perf_counter() - self.start
         history.epochs.append(record)
         self.epoch_losses = []
