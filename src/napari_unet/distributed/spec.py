@@ -136,46 +136,45 @@ def _tiling(obj: Any, tile: int, exact: bool, halo: int | None) -> tuple[bool, i
     return eff >= obj.receptive_field, eff
 
 
-def build_spec(
-    obj: Any,
-    layout: Any,
-    *,
-    out: Any,
-    key: str,
-    axes: str | None = None,
-    channel: int | None = None,
-    tile_size: int | None = None,
-    batch_size: int | None = None,
-    amp: bool | None = None,
-    exact: bool = True,
-    halo: int | None = None,
-    level: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    margin: int = DEFAULT_MARGIN,
-    mode: str = "instance",
-    class_names: Any = None,
-    threshold: float = 0.5,
-    min_size: int = 15,
-    seed_h: float = 1.0,
-) -> RunSpec:
-    """The chunk geometry and settings of a run (see
-    :func:`~napari_unet.distributed.predict_distributed`)."""
+SETTINGS = frozenset(
+    "axes channel tile_size batch_size amp exact halo level chunk_size margin mode "
+    "class_names threshold min_size seed_h".split()
+)
 
+
+def build_spec(obj: Any, layout: Any, *, out: Any, key: str, **settings: Any) -> RunSpec:
+    """The chunk geometry and settings of a run.
+
+    Args:
+        obj: the network; ``layout``: the input's layout.
+        out: the zarr group's path; ``key``: the weights' SHA-256.
+        **settings: the keyword arguments of
+            :func:`~napari_unet.distributed.predict_distributed` (axes, channel, tile_size,
+            batch_size, amp, exact, halo, level, chunk_size, margin, mode, class_names,
+            threshold, min_size, seed_h); those left out take its defaults.
+    """
+    unknown = set(settings) - SETTINGS
+    if unknown:
+        raise TypeError(f"build_spec got unknown settings {sorted(unknown)}")
+    get = settings.get
     height, width = layout.spatial
     g = obj.size_divisor
-    chunk = round_up(max(int(chunk_size), 2 * STRIP, g), g)
+    mode = get("mode", "instance")
+    chunk = round_up(max(int(get("chunk_size", DEFAULT_CHUNK)), 2 * STRIP, g), g)
+    margin = get("margin", DEFAULT_MARGIN)
     margin = 0 if mode == "semantic" else round_up(max(int(margin), STRIP), g)
-    tile = int(tile_size or MAX_TILE)
-    exact_run, eff_halo = _tiling(obj, tile, exact, halo)
+    tile = int(get("tile_size") or MAX_TILE)
+    exact_run, eff_halo = _tiling(obj, tile, get("exact", True), get("halo"))
     context = margin if obj.border > 0 else round_up(margin + eff_halo, g)
-    names = tuple(class_names or obj.class_names)
+    names = tuple(get("class_names") or obj.class_names)
     return RunSpec(
         out=str(out), key=key, in_channels=obj.in_channels, num_classes=obj.num_classes,
-        axes=axes, channel=channel, leading=tuple(int(n) for n in layout.leading),
+        axes=get("axes"), channel=get("channel"), leading=tuple(int(n) for n in layout.leading),
         height=int(height), width=int(width), divisor=g, chunk=chunk, margin=margin,
-        context=context, exact=exact_run, halo=eff_halo, tile=tile, batch=batch_size,
-        amp=amp, level=level, mode=mode, class_names=names, threshold=float(threshold),
-        min_size=int(min_size), seed_h=float(seed_h),
+        context=context, exact=exact_run, halo=eff_halo, tile=tile, batch=get("batch_size"),
+        amp=get("amp"), level=get("level"), mode=mode, class_names=names,
+        threshold=float(get("threshold", 0.5)), min_size=int(get("min_size", 15)),
+        seed_h=float(get("seed_h", 1.0)),
     )  # fmt: skip
 
 
