@@ -166,3 +166,37 @@ def test_auto_keeps_unet3p_on_torch(tmp_path):
     assert not _exported(tmp_path)
     ref = predict(model, image, tile_size=64, device="cpu", runtime="torch")
     assert np.array_equal(out, ref)
+
+
+def test_stage_says_the_export_once_then_the_runtime(tmp_path):
+    """predict(stage=): the one-off export and compilation are announced before the first
+    window (the GUI and CLI show them); a second call with cached weights exports nothing;
+    every call names the runtime its windows run on."""
+    from napari_unet.runtime import RunClock
+
+    model = build_model("unet", 1, 3, base_channels=4, depth=2).eval()
+    image = np.random.default_rng(4).random((96, 128), np.float32)
+    notes: list[str] = []
+    predict(model, image, exact=True, tile_size=64, device="cpu", runtime="openvino",
+            stage=notes.append)  # fmt: skip
+    kinds = [n.kind for n in notes]
+    assert kinds == ["export", "compile", "run"], notes
+    assert "OpenVINO" in notes[0] and "64×64" in notes[0]
+    assert notes[2].endswith("on OpenVINO f32") and "windows of 64×64" in notes[2]
+    assert all(isinstance(n, str) for n in notes)
+    backends.clear_compiled()  # a new session: the disk cache, no export
+    notes.clear()
+    predict(model, image, exact=True, tile_size=64, device="cpu", runtime="openvino",
+            stage=notes.append)  # fmt: skip
+    assert [n.kind for n in notes] == ["compile", "run"]
+    notes.clear()
+    predict(model, image, tile_size=64, device="cpu", runtime="torch", stage=notes.append)
+    assert [n.kind for n in notes] == ["run"] and notes[0].endswith("on torch (cpu)")
+    # a RunClock passes the export notes on and starts timing at the run note
+    passed: list[str] = []
+    clock = RunClock(passed.append)
+    other = build_model("unet", 1, 3, base_channels=4, depth=2).eval()  # new weights
+    predict(other, image, exact=True, tile_size=64, device="cpu", runtime="openvino",
+            stage=clock)  # fmt: skip
+    assert [n.kind for n in passed] == ["export", "compile"]
+    assert 0 < clock.since_run() < 10

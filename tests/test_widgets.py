@@ -175,6 +175,32 @@ def test_progress_covers_post_processing(viewer, qtbot):
     assert 90 in values and any(90 < v < 100 for v in values)
 
 
+def test_first_openvino_export_is_shown_in_the_bar(viewer, qtbot, tmp_path, monkeypatch):
+    """#12: new weights are exported to OpenVINO once (seconds) before the first tile; the
+    Predict widget says so in its bar and status, then names the runtime; a second run
+    (cached) does not export again."""
+    pytest.importorskip("openvino")
+    from napari_unet.inference import backends
+
+    monkeypatch.setenv(backends.RUNTIME_ENV, "openvino")
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    backends.clear_compiled()
+    w = dock(viewer, "Predict")
+    w.image.set_layer(viewer.layers["nuclei"])
+    shown: list[str] = []
+    note = w.controls.note
+    monkeypatch.setattr(w.controls, "note", lambda text: (shown.append(text), note(text)))
+    wait_job(qtbot, w.run())
+    exports = [t for t in shown if t.startswith("exporting")]
+    assert len(exports) == 1 and "OpenVINO" in exports[0], shown
+    assert any(t.startswith("running") and "OpenVINO" in t for t in shown), shown
+    assert w.last_layers["labels"].data.shape == (256, 512)
+    shown.clear()
+    wait_job(qtbot, w.run())
+    assert not [t for t in shown if t.startswith("exporting")], shown
+    backends.clear_compiled()
+
+
 def test_two_predictions_give_two_layers_first_unchanged(viewer, qtbot):
     """Item 2: results are added, never replaced; replacing is an explicit option."""
     state = get_state(viewer)

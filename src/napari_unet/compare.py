@@ -12,7 +12,6 @@ they share its time). Used by ``napari-unet compare`` and the Compare widget.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -195,35 +194,41 @@ def _predict_outputs(
     model: SegmentationModel, crops: list[np.ndarray], heads: bool, axes: str | None, device: str
 ) -> list[Output]:
     """Every output of ``model`` on the crops: UNet++ levels (each timed on its own), the
-    heads of one forward (sharing its time), or the final output alone."""
-    from .inference.predict import predict
-
+    heads of one forward (sharing its time), or the final output alone. Times leave out
+    a one-off OpenVINO export (:class:`~napari_unet.runtime.RunClock`)."""
     n_params = count_parameters(model)
     multi = heads and model.num_outputs > 1
     outputs: list[Output] = []
     if multi and model.supports_levels:
         for level in range(1, model.num_outputs + 1):
-            t0 = time.perf_counter()
-            probs = [predict(model, c, axes=axes, device=device, level=level) for c in crops]
-            seconds = time.perf_counter() - t0
+            probs, seconds = _timed(model, crops, axes=axes, device=device, level=level)
             outputs.append(
                 (f"L{level}", level, level == model.num_outputs, probs, seconds,
                  int(model.level_parameters(level)))
             )  # fmt: skip
     elif multi:
-        t0 = time.perf_counter()
-        per_window = [predict(model, c, axes=axes, device=device, outputs="all") for c in crops]
-        seconds = time.perf_counter() - t0
+        per_window, seconds = _timed(model, crops, axes=axes, device=device, outputs="all")
         final_idx = model.final_index % model.num_outputs
         for k, head in enumerate(head_names(model)):
             probs = [all_heads[k] for _, all_heads in per_window]
             outputs.append((head, None, k == final_idx, probs, seconds, n_params))
     else:
-        t0 = time.perf_counter()
-        probs = [predict(model, c, axes=axes, device=device) for c in crops]
-        seconds = time.perf_counter() - t0
+        probs, seconds = _timed(model, crops, axes=axes, device=device)
         outputs.append(("final", None, True, probs, seconds, n_params))
     return outputs
+
+
+def _timed(model: SegmentationModel, crops: list[np.ndarray], **kwargs: Any) -> tuple:
+    """(``predict`` of each crop, seconds of their windows in all)."""
+    from .inference.predict import predict
+    from .runtime import RunClock
+
+    results, seconds = [], 0.0
+    for crop in crops:
+        clock = RunClock()
+        results.append(predict(model, crop, stage=clock, **kwargs))
+        seconds += clock.since_run()
+    return results, seconds
 
 
 def _kept_labels(

@@ -184,7 +184,7 @@ def segment_image(
         progress: ``progress(done_tiles, total_tiles)`` after each batch of tiles.
         post_progress: ``post_progress(done_planes, total_planes)`` while segmenting.
         stage: ``stage(text)`` when a stage starts (``"predicting on CPU (requested)"``,
-            ``"segmenting"``).
+            the one-off OpenVINO export of new weights, ``"segmenting"``; see ``predict``).
         cancel: a ``threading.Event`` or a callable; when set, stops within one batch or
             plane by raising :class:`napari_unet.runtime.Cancelled`.
         out: a new zarr path (or an array) that receives the probabilities instead of memory.
@@ -211,7 +211,7 @@ def segment_image(
         probs = predict(
             model, image, axes=axes, channel=channel, tile_size=tile_size,
             batch_size=batch_size, device=dev, exact=exact, level=level, progress=progress,
-            cancel=cancel, out=out, runtime=runtime,
+            cancel=cancel, out=out, runtime=runtime, stage=stage,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_cancel(cancel)  # a stop during the last batch: no segmenting
@@ -323,10 +323,12 @@ def _side_outputs(
     from .inference.predict import predict
     from .metrics import dice
     from .postprocess import _foreground
+    from .runtime import RunClock
 
     t0 = time.perf_counter()
-    final, heads = predict(model, image, outputs="all", progress=progress, **opts)
-    t_all = time.perf_counter() - t0
+    clock = RunClock(stage)
+    final, heads = predict(model, image, outputs="all", progress=progress, stage=clock, **opts)
+    t_all = clock.since_run()
     fg_final = _foreground(final, names) > 0.5
     maps = [_foreground(h, names) for h in heads]
     unetpp = model.supports_levels
@@ -340,9 +342,9 @@ def _side_outputs(
             params = model.level_parameters(level)
             if stage is not None:
                 stage(f"timing level L{level}")
-            t = time.perf_counter()
-            predict(model, image, level=level, **opts)
-            seconds = f"{time.perf_counter() - t:.2f} s"
+            clock = RunClock(stage)
+            predict(model, image, level=level, stage=clock, **opts)
+            seconds = f"{clock.since_run():.2f} s"
         else:
             name = "final" if i == final_index else f"output {i + 1}"
             if n == 1:

@@ -32,6 +32,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -314,3 +315,36 @@ def device_lock() -> threading.Lock:
 
 
 _LOCK = threading.Lock()
+
+
+class StageNote(str):
+    """A ``stage(text)`` message of the engine that callers may also tell apart by kind:
+    ``"export"`` (the one-off OpenVINO export of new weights), ``"compile"`` (compiling it
+    for the CPU) or ``"run"`` (the windows start; the text names the runtime). A plain
+    ``str`` to everything that only shows it."""
+
+    kind: str
+
+    def __new__(cls, kind: str, text: str) -> StageNote:
+        note = super().__new__(cls, text)
+        note.kind = kind
+        return note
+
+
+class RunClock:
+    """A ``stage`` callback that passes messages on and notes when the windows start, so
+    that a timing leaves out the one-off OpenVINO export and compilation (used for the
+    per-output timings of Compare and Inspect)."""
+
+    def __init__(self, stage: Any = None) -> None:
+        self.stage, self.started = stage, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if getattr(text, "kind", None) == "run":
+            self.started = time.perf_counter()
+        elif self.stage is not None:
+            self.stage(text)
+
+    def since_run(self) -> float:
+        """Seconds since the windows started (since creation when no run note came)."""
+        return time.perf_counter() - self.started

@@ -302,6 +302,11 @@ class RunControls:
         self.run.setEnabled(not busy)
         self.cancel.setEnabled(busy)
 
+    def note(self, text: str) -> None:
+        """Say what the job is doing in the bar (value unchanged): slow steps before the
+        first tile, e.g. the one-off OpenVINO export of new weights."""
+        self.progress.setFormat(text if len(text) <= 60 else text[:59] + "…")
+
     def fraction(self, value: float, text: str | None = None) -> None:
         self.progress.setValue(int(round(100 * max(0.0, min(1.0, value)))))
         if text is not None:

@@ -331,6 +331,7 @@ class PredictWidget(Panel):
                     )
                 case Stage(text):
                     set_status(self.status, text[:1].upper() + text[1:] + "…")
+                    self.controls.note(text + "…")
                 case ModelLoaded(model, source, untrained):
                     if self.state.model is None:
                         self.state.set_model(model, source, untrained=untrained)

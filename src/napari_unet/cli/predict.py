@@ -143,12 +143,19 @@ def _compute(args: argparse.Namespace, image, model, layout, device, probs_to) -
             device=device, tile_size=args.tile, batch_size=args.batch, exact=args.exact,
             level=args.level, runtime=args.runtime, mode=args.mode, min_size=args.min_size,
             progress=bar, cancel=STOP, out=probs_to.begin() if stream else None,
+            stage=_say_slow_step,
         )  # fmt: skip
     finally:
         bar.close()
     if probs_to is not None and not stream:
         write_data(probs_to, result.probabilities)
     return result.labels
+
+
+def _say_slow_step(text: str) -> None:
+    """Print the slow one-off steps (OpenVINO export and compilation) on stderr."""
+    if getattr(text, "kind", None) in ("export", "compile"):
+        print(f"napari-unet: {text}…", file=sys.stderr)
 
 
 def _predict_volume(args, image, model, layout, device, bar, method: str) -> np.ndarray:

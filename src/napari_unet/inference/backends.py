@@ -318,6 +318,7 @@ def openvino_backend(
     level: int | None = None,
     precision: str = "f32",
     threads: int | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Backend | str:
     """An OpenVINO backend for ``model`` on windows of shape ``window`` (C_in, H, W).
 
@@ -328,11 +329,13 @@ def openvino_backend(
         level: UNet++ pruning level (``outputs="final"`` only).
         precision: ``"f32"`` or ``"bf16"`` (the CPU must have bf16 units).
         threads: inference threads (default: :func:`napari_unet.runtime.choose_threads`).
+        stage: ``stage(text)`` before the slow one-off steps: exporting weights not in the
+            cache (seconds; once per trained weights and window) and compiling for the CPU.
 
     Returns:
         The :class:`Backend`, or a one-line reason why this model stays on torch.
     """
-    from ..runtime import choose_threads
+    from ..runtime import StageNote, choose_threads
 
     threads = threads or choose_threads()
     key = export_key(model, window, outputs, level)
@@ -340,10 +343,16 @@ def openvino_backend(
     with _LOCK:
         if memo in _COMPILED:
             return _COMPILED[memo]
+        name, size = getattr(model, "name", "the model"), "×".join(map(str, window[1:]))
+        if stage is not None and not is_exported(key):
+            text = f"exporting {name} to OpenVINO for {size} windows (once for these weights)"
+            stage(StageNote("export", text))
         exported = export_ir(model, window, outputs=outputs, level=level, key=key)
         if isinstance(exported, str):
             return exported
         xml, cached = exported
+        if stage is not None:
+            stage(StageNote("compile", f"compiling {name} for the CPU (OpenVINO {precision})"))
         try:
             backend = _compile(xml, precision, threads)
         except _NoBf16 as err:

@@ -14,7 +14,7 @@ import torch
 
 from ..models.base import SegmentationModel
 from ..outputs import Target, commit_all, plan_output
-from ..runtime import amp_dtype, device_lock, select_device
+from ..runtime import StageNote, amp_dtype, device_lock, select_device
 from .layout import Layout, resolve_layout
 from .normalize import get_normalization
 from .plan import DEFAULT_BATCH, DEFAULT_TILE, tile_plan_for
@@ -84,6 +84,7 @@ def predict(
     halo: int | None = None,
     scheduler: Any = None,
     runtime: str | None = None,
+    stage: Callable[[str], None] | None = None,
 ) -> Any:
     """Class probabilities of ``image``, predicted window by window.
 
@@ -116,6 +117,9 @@ def predict(
             installed), ``"torch"`` or ``"openvino"`` (:mod:`.backends`): exact mode
             compiles at fp32 (equal to torch to ~1e-5); the default mode at bf16 on CPUs
             with bf16 matrix units unless ``amp=False``.
+        stage: ``stage(text)`` when a slow step starts before the first window: the one-off
+            OpenVINO export of new weights (a few seconds) and its compilation; then the
+            runtime the windows run on (``"running 12 windows on OpenVINO bf16"``).
 
     Returns:
         float32 ``(C, *leading, Y, X)`` probabilities in [0, 1] (``C`` = the model's
@@ -138,13 +142,14 @@ def predict(
     layout = resolve_layout(image, model.in_channels, axes, channel)
     dev, _ = select_device(device)
     run = _Run(tile_size or DEFAULT_TILE[dev.type], batch_size or DEFAULT_BATCH[dev.type],
-               amp, exact, outputs, level, progress, cancel, halo, runtime)  # fmt: skip
+               amp, exact, outputs, level, progress, cancel, halo, runtime, stage)  # fmt: skip
     arrays = _predict_all(model, layout, out, image, dev, run)
     return (arrays[0], arrays[1:]) if outputs == "all" else arrays[0]
 
 
 _CLUSTER_ARGS = ("out", "axes", "channel", "tile_size", "batch_size", "device", "amp", "exact",
                  "halo", "level", "progress", "cancel", "runtime")  # fmt: skip
+# ``stage`` is not passed on: the dask client reports its own progress
 
 
 def _on_cluster(model: Any, image: Any, scheduler: Any, outputs: str, args: dict) -> Any:
@@ -198,6 +203,7 @@ class _Run:
     cancel: Any
     halo: int | None
     runtime: str | None
+    stage: Callable[[str], None] | None = None
 
 
 def _allocate_all(model, layout: Layout, out, image, outputs: str, created) -> list[Any]:
@@ -254,7 +260,7 @@ def _cuda_step_down_reason(exc: BaseException, dev: torch.device) -> str | None:
     return None
 
 
-def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> Any:
+def _compiled_backend(model, layout, plan, dev, run: _Run, opts) -> Any:
     """The OpenVINO backend for this plan's window, or None (torch): the rule of
     :func:`~.backends.compiled_precision` (shared with the dask run); a model that cannot
     be converted stays on torch with a one-line warning."""
@@ -262,14 +268,16 @@ def _compiled_backend(model, layout, plan, dev, runtime, exact, amp, opts) -> An
 
     window = (model.in_channels, *plan.window_shape)
     precision = compiled_precision(
-        model, window, windows=plan.n_tiles * layout.n_planes, device=dev, runtime=runtime,
-        exact=exact, amp=amp, outputs=opts.outputs, level=opts.level,
+        model, window, windows=plan.n_tiles * layout.n_planes, device=dev,
+        runtime=run.runtime, exact=run.exact, amp=run.amp, outputs=opts.outputs,
+        level=opts.level,
     )  # fmt: skip
     if precision is None:
         return None
     backend = openvino_backend(
-        model, window, outputs=opts.outputs, level=opts.level, precision=precision
-    )
+        model, window, outputs=opts.outputs, level=opts.level, precision=precision,
+        stage=run.stage,
+    )  # fmt: skip
     if isinstance(backend, str):
         warnings.warn(f"napari-unet: running on torch: {backend}", stacklevel=4)
         return None
@@ -308,9 +316,11 @@ def _predict_into(
         if opts.channels_last:
             model.to(memory_format=torch.channels_last)
         try:
-            opts.backend = _compiled_backend(
-                model, layout, plan, dev, run.runtime, run.exact, run.amp, opts
-            )
+            opts.backend = _compiled_backend(model, layout, plan, dev, run, opts)
+            if run.stage is not None:
+                on = f"OpenVINO {opts.backend.precision}" if opts.backend else f"torch ({dev})"
+                size = "×".join(map(str, plan.window_shape))
+                run.stage(StageNote("run", f"running {total} windows of {size} on {on}"))
             for p in range(layout.n_planes):
                 read = PlaneSource.open(layout, p, norm).read
                 index = np.unravel_index(p, layout.leading) if layout.leading else ()
