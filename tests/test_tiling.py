@@ -286,3 +286,48 @@ def test_cuda_steps_down_past_32_bit_kernel_limits():
     with pytest.warns(RuntimeWarning, match="retrying with batch size"):
         probs = predict(load_pretrained("u2netp"), img, device="cuda", tile_size=3584, batch_size=4)
     assert probs.shape == (3, 4096, 4096) and np.isfinite(probs).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_small_integer_images_are_normalised_on_the_device_bit_identically(dtype):
+    """8/16-bit images travel raw (half or a quarter of float32's bytes) and are normalised
+    after the transfer: the tiler's device path gives the numpy path's windows bit for bit,
+    and predict gives the float32 copy's output exactly."""
+    from napari_unet.inference.layout import resolve_layout
+    from napari_unet.inference.normalize import DEFAULT_NORMALIZATION
+    from napari_unet.inference.source import PlaneSource
+    from napari_unet.inference.tiler import RunOptions, run_plane
+
+    m = _model("unet")
+    rng = np.random.default_rng(5)
+    low = np.iinfo(dtype).min // 2
+    img = rng.integers(low, np.iinfo(dtype).max, (150, 170), endpoint=True).astype(dtype)
+    source = PlaneSource.open(resolve_layout(img, 1), 0, DEFAULT_NORMALIZATION)
+    assert source.raw_ok and source.read_raw(np.arange(4), np.arange(4)).dtype == dtype
+    plan = tile_plan_for(m, (150, 170), tile_size=64, device=torch.device("cpu"))
+    opts = RunOptions(torch.device("cpu"), 2, None, False)
+    outs = [np.zeros((m.num_classes, 150, 170), np.float32) for _ in range(2)]
+    run_plane(m.eval(), source.read, plan, [outs[0]], opts)
+    run_plane(m, source.read_raw, plan, [outs[1]], opts, stats=source.stats)
+    assert np.array_equal(outs[0], outs[1])
+    as_float = predict(m, img.astype(np.float32), tile_size=64, runtime="torch")
+    assert np.array_equal(predict(m, img, tile_size=64, runtime="torch"), as_float)
+    rgb = PlaneSource.open(resolve_layout(np.stack([img] * 3, -1), 1), 0, DEFAULT_NORMALIZATION)
+    assert not rgb.raw_ok  # luminance mixes channels in float: normalised on the host
+
+
+def test_integer_percentiles_equal_numpys():
+    """The histogram path of the normalisation statistics (8/16-bit images) gives
+    np.percentile's float64 values exactly."""
+    from napari_unet.inference.normalize import normalization_stats
+
+    rng = np.random.default_rng(6)
+    for dtype in (np.uint8, np.uint16, np.int8, np.int16):
+        info = np.iinfo(dtype)
+        for n in (1, 2, 7, 1001, 40_000):
+            v = rng.integers(info.min, info.max, (2, n), endpoint=True).astype(dtype)
+            for low, high in ((1.0, 99.8), (0.0, 100.0), (3.3, 97.1)):
+                norm = {"method": "percentile", "low": low, "high": high}
+                got = normalization_stats(v, norm)
+                ref = normalization_stats(v.astype(np.float64), norm)
+                assert np.array_equal(got, ref), (dtype, n, low, high)

