@@ -101,3 +101,21 @@ def test_segment_planes_checks_cancel_between_planes():
     with pytest.raises(Cancelled):
         segment_planes(probs, progress=progress, cancel=lambda: len(seen) > 2)
     assert seen == [0, 1, 2]
+
+
+def test_segment_image_reports_the_runtime_the_windows_ran_on(model, nuclei, tmp_path, monkeypatch):
+    """``result.runtime`` is what ran, not what the device resolves to: with "auto", a small
+    job on weights never exported runs on torch; asked for OpenVINO, it runs there."""
+    pytest.importorskip("openvino")
+    from napari_unet.inference import backends
+
+    monkeypatch.delenv(backends.RUNTIME_ENV, raising=False)
+    monkeypatch.setenv(backends.CACHE_ENV, str(tmp_path / "cache"))
+    backends.clear_compiled()
+    image = nuclei[0][:64, :96]
+    notes: list[str] = []
+    small = segment_image(model, image, device="cpu", stage=notes.append)
+    assert small.runtime == "torch" and any("on torch" in n for n in notes), notes
+    forced = segment_image(model, image, device="cpu", runtime="openvino")
+    assert forced.runtime == "openvino"
+    backends.clear_compiled()

@@ -40,8 +40,8 @@ class SegmentationResult:
             index (semantic), 0 without labels.
         class_names: the C class names (the model's, else the conventional ones).
         device: the device in words (``"CPU (requested)"``, ``"CUDA: NVIDIA H200"``).
-        runtime: the inference runtime the device resolves to (``"torch"`` or
-            ``"openvino"``; ``"auto"`` may still run a small job on torch).
+        runtime: the inference runtime the windows ran on (``"torch"`` or ``"openvino"``;
+            ``"auto"`` runs a small job with weights never exported on torch).
         seconds: wall-clock seconds of the network (tiled prediction).
         total_seconds: wall-clock seconds of prediction and post-processing.
     """
@@ -196,14 +196,20 @@ def segment_image(
         uint32 ``(*leading, Y, X)`` (None when ``mode`` is None), the object count, the
         device and runtime in words and the seconds taken.
     """
-    from .inference.backends import resolve_runtime
     from .inference.predict import predict
     from .inference.resolve import resolve_model
     from .runtime import select_device
 
     model, _ = resolve_model(model)
     dev, why = select_device(device)
-    ran_on, _ = resolve_runtime(dev, runtime)
+    ran_on = ""
+
+    def noted(text: str) -> None:  # the runtime the windows actually run on
+        nonlocal ran_on
+        ran_on = getattr(text, "runtime", "") or ran_on
+        if stage is not None:
+            stage(text)
+
     if stage is not None:
         stage(f"predicting on {why}")
     t0 = time.perf_counter()
@@ -211,7 +217,7 @@ def segment_image(
         probs = predict(
             model, image, axes=axes, channel=channel, tile_size=tile_size,
             batch_size=batch_size, device=dev, exact=exact, level=level, progress=progress,
-            cancel=cancel, out=out, runtime=runtime, stage=stage,
+            cancel=cancel, out=out, runtime=runtime, stage=noted,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_cancel(cancel)  # a stop during the last batch: no segmenting

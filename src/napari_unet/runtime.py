@@ -320,14 +320,16 @@ _LOCK = threading.Lock()
 class StageNote(str):
     """A ``stage(text)`` message of the engine that callers may also tell apart by kind:
     ``"export"`` (the one-off OpenVINO export of new weights), ``"compile"`` (compiling it
-    for the CPU) or ``"run"`` (the windows start; the text names the runtime). A plain
-    ``str`` to everything that only shows it."""
+    for the CPU) or ``"run"`` (the windows start; the text names the runtime, and
+    ``runtime`` says ``"openvino"`` or ``"torch"``). A plain ``str`` to everything that
+    only shows it."""
 
     kind: str
+    runtime: str
 
-    def __new__(cls, kind: str, text: str) -> StageNote:
+    def __new__(cls, kind: str, text: str, runtime: str = "") -> StageNote:
         note = super().__new__(cls, text)
-        note.kind = kind
+        note.kind, note.runtime = kind, runtime
         return note
 
 
