@@ -415,6 +415,34 @@ def test_cli_predict_dask(cluster, tiny_model, tmp_path):
     assert main(argv[:-4] + ["-o", str(tmp_path / "x.tif"), "--dask", address]) == 2
 
 
+def test_costly_exact_context_warns_with_the_shorter_halo(tmp_path, capsys):
+    """U²-Net's 3296 px receptive field makes exact chunks read ~57× what they write: one
+    line says so and names the halo of predict's default; that halo is taken without a
+    warning (API and CLI), and --halo without --dask is refused."""
+    import warnings
+
+    from napari_unet.cli import main
+    from napari_unet.models.pretrained import load_pretrained
+
+    layout = resolve_layout(np.zeros((4096, 4096), np.uint16), 1)
+    u2 = load_pretrained("u2netp")
+    with pytest.warns(RuntimeWarning, match=r"u2netp: exact chunks need \d+ px") as caught:
+        spec = dist.build_spec(u2, layout, out="x", key="k")
+    assert spec.halo == u2.receptive_field and len(caught) == 1
+    fast = int(str(caught[0].message).split("halo=")[1].split(" ")[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short = dist.build_spec(u2, layout, out="x", key="k", exact=False, halo=fast)
+        dist.build_spec(build_model("unet", 1, 3), layout, out="x", key="k")  # small field
+    assert short.halo == fast and short.context < spec.context / 4
+    image = tmp_path / "in.tif"
+    import tifffile
+
+    tifffile.imwrite(image, np.zeros((64, 64), np.uint16))
+    assert main(["predict", str(image), "-o", str(tmp_path / "o.tif"), "--halo", "32"]) == 2
+    assert "--halo sets the context of --dask chunks" in capsys.readouterr().err
+
+
 def test_semantic_mode_from_a_dask_array(cluster, tiny_model, tmp_path):
     import dask.array as da
 

@@ -71,6 +71,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         image = open_image(args.image, series=args.series)
         check_targets(args, image.ngff is not None)
         return predict_dask(args, image)
+    if args.halo is not None:
+        raise ValueError("--halo sets the context of --dask chunks; without --dask use --tile")
     check_targets(args, None)
     labels_to, probs_to = _plan_outputs(args)
     image = open_image(args.image, series=args.series)

@@ -41,6 +41,8 @@ def predict_dask(args: argparse.Namespace, image) -> int:
             device=args.device,
             runtime=args.runtime,
             level=args.level,
+            exact=args.halo is None,
+            halo=args.halo,
             mode=args.mode,
             min_size=args.min_size,
             progress=bar,

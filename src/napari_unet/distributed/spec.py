@@ -136,6 +136,23 @@ def _tiling(obj: Any, tile: int, exact: bool, halo: int | None) -> tuple[bool, i
     return eff >= obj.receptive_field, eff
 
 
+def _warn_costly_context(obj: Any, tile: int, chunk: int, context: int) -> None:
+    """One line when exact chunks read far more than they write (U²-Net's receptive field
+    is 3296 px), with the shorter halo that single-process ``predict`` uses by default."""
+    from ..inference.plan import window_rules
+
+    fast = window_rules(obj, tile, exact=False, halo=None)[1]
+    side = chunk + 2 * context
+    warnings.warn(
+        f"{obj.name}: exact chunks need {context} px of context ({side}² read for each "
+        f"{chunk}² chunk, ~{(side / chunk) ** 2:.0f}× the work); exact=False, halo={fast} "
+        f"(CLI: --halo {fast}) gives predict's default halo, differences far below what is "
+        "visible",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 SETTINGS = frozenset(
     "axes channel tile_size batch_size amp exact halo level chunk_size margin mode "
     "class_names threshold min_size seed_h".split()
@@ -166,6 +183,8 @@ def build_spec(obj: Any, layout: Any, *, out: Any, key: str, **settings: Any) ->
     tile = int(get("tile_size") or MAX_TILE)
     exact_run, eff_halo = _tiling(obj, tile, get("exact", True), get("halo"))
     context = margin if obj.border > 0 else round_up(margin + eff_halo, g)
+    if exact_run and get("halo") is None and context > chunk:
+        _warn_costly_context(obj, tile, chunk, context)
     names = tuple(get("class_names") or obj.class_names)
     return RunSpec(
         out=str(out), key=key, in_channels=obj.in_channels, num_classes=obj.num_classes,
