@@ -200,3 +200,17 @@ def test_stage_says_the_export_once_then_the_runtime(tmp_path):
             stage=clock)  # fmt: skip
     assert [n.kind for n in passed] == ["export", "compile"]
     assert 0 < clock.since_run() < 10
+
+
+def test_openvino_uses_torchs_thread_setting(tmp_path):
+    """One thread policy for both runtimes: OpenVINO compiles with the threads torch runs
+    with (segment_image(threads=), torch_threads, the dask workers' setting)."""
+    from napari_unet.runtime import torch_threads
+
+    model = build_model("unet", 1, 3, base_channels=4, depth=2).eval()
+    image = np.random.default_rng(7).random((64, 64), np.float32)
+    for n in (1, 2):
+        backends.clear_compiled()
+        with torch_threads(n):
+            predict(model, image, exact=True, device="cpu", runtime="openvino")
+        assert [memo[2] for memo in backends._COMPILED] == [n]

@@ -299,10 +299,9 @@ def _remember(memo: tuple[Any, ...], backend: Backend) -> Backend:
 def compile_ir(xml: str | Path, *, precision: str = "f32", threads: int | None = None) -> Backend:
     """Compile an exported model (an ``.xml`` of :func:`export_ir`) for the CPU; never
     exports. Raises when OpenVINO cannot load or compile it (e.g. a dask worker with
-    another OpenVINO version than the client that exported it)."""
-    from ..runtime import choose_threads
-
-    xml, threads = Path(xml), threads or choose_threads()
+    another OpenVINO version than the client that exported it). ``threads``: default
+    torch's current setting (see :func:`openvino_backend`)."""
+    xml, threads = Path(xml), threads or torch.get_num_threads()
     memo = (xml.stem, precision, threads)
     with _LOCK:
         if memo in _COMPILED:
@@ -328,16 +327,18 @@ def openvino_backend(
         outputs: ``"final"`` or ``"all"`` (final + every deep-supervision head).
         level: UNet++ pruning level (``outputs="final"`` only).
         precision: ``"f32"`` or ``"bf16"`` (the CPU must have bf16 units).
-        threads: inference threads (default: :func:`napari_unet.runtime.choose_threads`).
+        threads: inference threads (default: torch's current setting, so that one thread
+            policy covers both runtimes: :func:`napari_unet.runtime.torch_threads`, the
+            dask workers' threads, ``segment_image(threads=)``).
         stage: ``stage(text)`` before the slow one-off steps: exporting weights not in the
             cache (seconds; once per trained weights and window) and compiling for the CPU.
 
     Returns:
         The :class:`Backend`, or a one-line reason why this model stays on torch.
     """
-    from ..runtime import StageNote, choose_threads
+    from ..runtime import StageNote
 
-    threads = threads or choose_threads()
+    threads = threads or torch.get_num_threads()
     key = export_key(model, window, outputs, level)
     memo = (key, precision, threads)
     with _LOCK:
