@@ -9,6 +9,7 @@ import copy
 import hashlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -195,10 +196,60 @@ def test_first_openvino_export_is_shown_in_the_bar(viewer, qtbot, tmp_path, monk
     assert len(exports) == 1 and "OpenVINO" in exports[0], shown
     assert any(t.startswith("running") and "OpenVINO" in t for t in shown), shown
     assert w.last_layers["labels"].data.shape == (256, 512)
+    # the final line names the runtime and says the time includes the export
+    assert "s (with the one-off OpenVINO export) on CPU" in w.status.text(), w.status.text()
+    assert w.status.text().endswith(", OpenVINO."), w.status.text()
     shown.clear()
     wait_job(qtbot, w.run())
     assert not [t for t in shown if t.startswith("exporting")], shown
+    assert "export" not in w.status.text() and "OpenVINO" in w.status.text()
     backends.clear_compiled()
+
+
+def test_a_slow_stage_is_shown_while_it_runs(viewer, qtbot, monkeypatch):
+    """The journey: the bar said "exporting … to OpenVINO" only once the export had ended.
+    Events reported within 0.2 s of the previous batch waited for the *next* report, and
+    nothing is reported during a slow step. Now a held batch is delivered within 0.2 s."""
+    import threading
+
+    from napari_unet._widgets import _predict
+    from napari_unet._widgets._events import Stage
+
+    release = threading.Event()
+    text = "exporting unet to OpenVINO for 256×512 windows (once for these weights)"
+
+    def slow_export(model, request, *, report, cancel, **_):
+        report(Stage("predicting on CPU"))
+        report(Stage(text))  # right after the first: held back by the throttle
+        while not (release.is_set() or cancel.is_set()):  # the export: nothing reported
+            time.sleep(0.01)
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(_predict, "run_prediction", slow_export)
+    w = dock(viewer, "Predict")
+    before = snapshot(viewer)
+    job = w.run()
+    try:
+        qtbot.waitUntil(lambda: w.controls.progress.format().startswith("exporting"), timeout=5000)
+    finally:
+        release.set()
+    # cut after a whole word, the aside dropped (was "… (once for th…")
+    assert w.controls.progress.format() == "exporting unet to OpenVINO for 256×512 windows…"
+    assert w.status.text() == text[:1].upper() + text[1:] + "…"
+    wait_job(qtbot, job)
+    assert snapshot(viewer) == before and "failed: stopped" in w.status.text()
+
+
+def test_progress_notes_are_cut_after_a_word(qtbot):
+    from napari_unet._widgets._common import NOTE_CHARS, RunControls, shorten
+
+    controls = RunControls("Run")
+    controls.note("compiling unet for the CPU (OpenVINO bf16)…")
+    assert controls.progress.format() == "compiling unet for the CPU (OpenVINO bf16)…"
+    long = "running 12 windows of 768×768 on the CPU with a runtime whose name is long"
+    cut = shorten(long, NOTE_CHARS)
+    assert len(cut) <= NOTE_CHARS and cut.endswith("…") and long.startswith(cut[:-1])
+    assert long[len(cut) - 1] == " "  # the cut falls between words
 
 
 def test_two_predictions_give_two_layers_first_unchanged(viewer, qtbot):
@@ -365,6 +416,8 @@ def test_inspect_side_outputs_unetpp(viewer, qtbot):
     wait_job(qtbot, w.show_side_outputs())
     assert user_layers_unchanged(before, snapshot(viewer))
     assert w.side_layer.data.shape == (4, 256, 512)
+    # the slider over the outputs is named (it said "-3"), like the probabilities' "class"
+    assert w.side_layer.axis_labels[0] == "output"
     assert w.table.rowCount() == 4
     model = get_state(viewer).model
     rows = w.rows
@@ -443,6 +496,17 @@ def test_train_with_region_and_prediction(viewer, qtbot):
     out = viewer.layers["nuclei [unet (trained 1) #1]"]
     assert out.data.dtype == np.uint32 and out.data.shape == (256, 512)
     assert w.last_layers["labels"] is out
+
+
+def test_validation_note_counts_one_object_in_the_singular():
+    from types import SimpleNamespace
+
+    from napari_unet._widgets._train_text import val_name
+
+    one = SimpleNamespace(validation="objects", scored=False, val_objects=1)
+    assert val_name(one).startswith("no validation score: 1 object, fewer than")
+    two = SimpleNamespace(validation="objects", scored=False, val_objects=2)
+    assert "2 objects," in val_name(two)
 
 
 def test_rectangle_roi_in_image_pixels(viewer):

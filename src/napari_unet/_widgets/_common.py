@@ -286,6 +286,26 @@ def set_status(label: QLabel, text: str, kind: str = "info") -> None:
     label.setText(text)
 
 
+NOTE_CHARS = 60
+"""The longest note a progress bar shows (the status line below it has the whole text)."""
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: a trailing "(…)" aside is dropped first,
+    then the text is cut after a whole word with "…" (never inside a word)."""
+    if len(text) <= limit:
+        return text
+    core = text.removesuffix("…")
+    if core.endswith(")") and " (" in core:
+        core = core[: core.rindex(" (")]
+        if len(core) + 1 <= limit:
+            return core + "…"
+    cut = core[: limit - 1]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(" ,;:") + "…"
+
+
 class RunControls:
     """A progress bar, a Run button and a Cancel button."""
 
@@ -305,7 +325,7 @@ class RunControls:
     def note(self, text: str) -> None:
         """Say what the job is doing in the bar (value unchanged): slow steps before the
         first tile, e.g. the one-off OpenVINO export of new weights."""
-        self.progress.setFormat(text if len(text) <= 60 else text[:59] + "…")
+        self.progress.setFormat(shorten(text, NOTE_CHARS))
 
     def fraction(self, value: float, text: str | None = None) -> None:
         self.progress.setValue(int(round(100 * max(0.0, min(1.0, value)))))

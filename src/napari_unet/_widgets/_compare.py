@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 
 from ._common import LayerCombo, alive, set_status, status_label
 from ._events import Compared, unexpected
-from ._jobs import start_job
+from ._jobs import error_text, start_job
 from ._state import get_state
 
 COLUMNS = ("model", "F1@0.5", "mean IoU", "AP@.5:.95", "objects", "s", "params")
@@ -217,7 +217,9 @@ class CompareWidget(QWidget):
             work,
             on_progress=self._progress,
             on_done=self._done,
-            on_error=lambda exc: set_status(self.status, f"compare failed: {exc}", "error"),
+            on_error=lambda exc: set_status(
+                self.status, f"compare failed: {error_text(exc)}", "error"
+            ),
             on_cancelled=lambda _: set_status(self.status, "cancelled", "warn"),
             on_finished=self._finished,
             **kwargs,

@@ -66,6 +66,13 @@ def side_outputs(model: Any, request: Any, device: str, report: Any, cancel: Any
     )  # fmt: skip
 
 
+def output_axis(source: Any, ndim: int) -> dict[str, Any]:
+    """``axis_labels`` for a side-outputs layer: its first axis is named "output" (the
+    slider then says what it moves through), the others as in ``source``."""
+    dims = tuple(source.axis_labels)[-(ndim - 1) :] if ndim > 1 else ()
+    return {"axis_labels": ("output", *dims)} if len(dims) == ndim - 1 else {}
+
+
 class InspectWidget(Panel):
     """See what the network is trained on and what each depth of it predicts."""
 
@@ -360,7 +367,7 @@ class InspectWidget(Panel):
                 case Progress(done, total):
                     self.side_controls.fraction(done / max(total, 1), f"{done}/{total} tiles")
                 case Stage(text):
-                    self.side_controls.progress.setFormat(text)
+                    self.side_controls.note(text)
                 case _:
                     raise unexpected(event, "Inspect")
 
@@ -383,6 +390,7 @@ class InspectWidget(Panel):
             metadata={"napari_unet_outputs": [r["output"] for r in result.rows]},
             colormap="inferno",
             contrast_limits=(0.0, 1.0),
+            **output_axis(src, result.maps.ndim),
         )
         self.rows = result.rows
         if not alive(self):

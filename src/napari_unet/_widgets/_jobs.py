@@ -4,7 +4,8 @@
 ``report(event)`` may be called from the worker as often as the engine likes (per tile,
 per optimiser step) with a typed :mod:`._events` message (``Progress(done, total)``,
 ``Stage(text)``…; anything else raises at once): events are batched and delivered as a
-list to ``on_progress`` on the GUI thread at most every ``interval`` seconds (each repaint of a dock also recomposes
+list to ``on_progress`` on the GUI thread at most every ``interval`` seconds, and at the
+latest ``interval`` seconds after they were reported (each repaint of a dock also recomposes
 the napari canvas, tens of milliseconds with software OpenGL). ``cancel`` is a
 :class:`threading.Event` the engine polls (within one tile batch / optimiser step).
 
@@ -57,29 +58,56 @@ def _emit(signal: Any, payload: Any) -> None:
 
 
 class _Reporter:
+    """Batches a worker's events; a batch is delivered at most every ``interval`` seconds
+    and at the latest ``interval`` seconds after its first event (a timer), so the last
+    event before a slow step (``Stage("exporting …")``, the tile before a long one) is
+    shown while that step runs, not after it."""
+
     def __init__(self, job: Job, interval: float) -> None:
         self._job, self._interval = job, interval
         self._pending: list[Any] = []
         self._last = 0.0
         self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
 
     def __call__(self, item: Event, flush: bool = False) -> None:
         check(item)  # a bare tuple or dict fails in the worker, at once
         if self._job.dropped:
             return
         with self._lock:
-            self._pending.append(item)
-            now = time.monotonic()
-            if not (flush or now - self._last >= self._interval):
+            if self._closed:
                 return
-            items, self._pending, self._last = self._pending, [], now
-        _emit(self._job.bridge.items, items)
+            self._pending.append(item)
+            wait = self._interval - (time.monotonic() - self._last)
+            if flush or wait <= 0:
+                self._send()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._deliver)
+                self._timer.daemon = True
+                self._timer.start()
 
-    def flush(self) -> None:
-        with self._lock:
-            items, self._pending = self._pending, []
+    def _send(self) -> None:
+        """Emit what is pending (under the lock, so batches keep their order)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, self._pending, self._last = self._pending, [], time.monotonic()
         if items and not self._job.dropped:
             _emit(self._job.bridge.items, items)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            if self._timer is threading.current_thread():
+                self._timer = None  # (a newer timer, armed meanwhile, stays armed)
+            if not self._closed:
+                self._send()
+
+    def flush(self) -> None:
+        """The job ends: deliver what is pending; nothing is sent after this."""
+        with self._lock:
+            self._send()
+            self._closed = True
 
 
 class Job:

@@ -58,6 +58,8 @@ class PredictWidget(Panel):
         self.last_layers: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         """perf_counter() of "started", "returned" (worker done), "written" (layers added)."""
+        self.exported = False
+        """The running prediction exported the model to OpenVINO first (it said so)."""
 
         self.model_label = status_label()
         self.image = LayerCombo(napari_viewer, ["image"], predicate=lambda lyr: not is_output(lyr))
@@ -293,6 +295,7 @@ class PredictWidget(Panel):
             )
 
         self.timings = {"started": time.perf_counter()}
+        self.exported = False
         self.controls.busy(True)
         self.controls.fraction(0.0, "starting…")
         set_status(self.status, f"Predicting {layer.name!r}…")
@@ -330,6 +333,7 @@ class PredictWidget(Panel):
                         f"separating objects{plane}…" if done < total else "adding layers…",
                     )
                 case Stage(text):
+                    self.exported |= getattr(text, "kind", "") == "export"
                     set_status(self.status, text[:1].upper() + text[1:] + "…")
                     self.controls.note(text + "…")
                 case ModelLoaded(model, source, untrained):
@@ -367,11 +371,13 @@ class PredictWidget(Panel):
         if "probabilities" in result:
             what.append("probabilities")
         notes = f" ({'; '.join(request.notes)})" if request.notes else ""
+        runtime = ", OpenVINO" if result.get("runtime") == "openvino" else ""
+        export = " (with the one-off OpenVINO export)" if self.exported else ""
         # name the labels layer when there is one (the objects counted are its)
         first = self.last_layers.get("labels") or next(iter(self.last_layers.values()))
         self._finish_status(
-            f"{first.name}: {', '.join(what)} in {result['total_seconds']:.1f} s on "
-            f"{result['device']}{notes}.",
+            f"{first.name}: {', '.join(what)} in {result['total_seconds']:.1f} s{export} on "
+            f"{result['device']}{runtime}{notes}.",
             "ok",
         )
         self.controls.fraction(1.0, "done")

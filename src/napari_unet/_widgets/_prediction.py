@@ -67,6 +67,7 @@ def run_prediction(
     out: dict[str, Any] = {
         "seconds": res.seconds,
         "device": res.device,
+        "runtime": res.runtime,
         "class_names": list(res.class_names),
     }
     if res.labels is not None:

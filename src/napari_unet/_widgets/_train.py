@@ -492,7 +492,8 @@ class TrainWidget(Panel):
                     set_status(
                         self.status, self._summary_line() + text[:1].upper() + text[1:] + "…"
                     )
-                    self.controls.fraction(1.0, text)
+                    self.controls.fraction(1.0)
+                    self.controls.note(text)
                 case PostProgress():
                     self.controls.fraction(1.0, "separating objects…")
                 case TrainStarted(summary):

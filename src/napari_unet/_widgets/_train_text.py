@@ -16,7 +16,10 @@ def val_name(summary: Any) -> str:
     if s.validation == "none":
         return "no validation (none chosen)"
     if not s.scored:
-        return f"no validation score: {s.val_objects} objects, fewer than {MIN_VAL_OBJECTS}"
+        n = s.val_objects
+        return (
+            f"no validation score: {n} object{'s' if n != 1 else ''}, fewer than {MIN_VAL_OBJECTS}"
+        )
     where = "held-out" if s.validation == "objects" else "validation-region"
     return f"F1@0.5 on {s.val_objects} {where} objects"
 
