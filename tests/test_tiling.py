@@ -267,6 +267,17 @@ def test_cuda_exact_tiling_float32():
     assert np.abs(whole - tiled).max() < 1e-4
 
 
+@cuda
+def test_cuda_raw_uint16_is_normalised_on_the_gpu_like_the_host():
+    """uint16 windows travel raw (page-locked) and are normalised on the GPU: the same
+    output as the float32 copy normalised on the host (fp32, exact tiling)."""
+    m = _model("unet")
+    img = _image((300, 260)).clip(0, 65535).astype(np.uint16) * 100
+    raw = predict(m, img, device="cuda", amp=False, exact=True, tile_size=128)
+    host = predict(m, img.astype(np.float32), device="cuda", amp=False, exact=True, tile_size=128)
+    assert np.abs(raw - host).max() <= 1e-6
+
+
 def test_cuda_request_without_gpu_is_clear():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
