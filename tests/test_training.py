@@ -290,6 +290,10 @@ def test_validation_none_and_too_few_objects(scene):
     h = train(tiny(), img, lab, roi=small, steps=2, patch_size=64, batch_size=2)
     assert h.data.validation == "none" and "fewer than 5" in h.data.val_note
     assert h.data.objects == n and h.epochs[-1]["val_f1"] is None
+    # asked for held-out objects explicitly: still none withheld for a score never computed
+    h = train(tiny(), img, lab, roi=small, validation="objects", steps=2, patch_size=64,
+              batch_size=2)  # fmt: skip
+    assert h.data.validation == "none" and h.data.objects == n and "fewer than 5" in h.data.val_note
 
 
 def test_validation_held_out_objects(scene):

@@ -148,6 +148,19 @@ def _labels(
     return labels
 
 
+class _RuntimeNoted:
+    """A ``stage`` callback that passes every message on and keeps the runtime named by
+    ``predict``'s run note (:class:`~napari_unet.runtime.StageNote`)."""
+
+    def __init__(self, stage: Callable[[str], None] | None) -> None:
+        self.stage, self.runtime = stage, ""
+
+    def __call__(self, text: str) -> None:
+        self.runtime = getattr(text, "runtime", "") or self.runtime
+        if self.stage is not None:
+            self.stage(text)
+
+
 def segment_image(
     model: Any, image: Any, *, axes: str | None = None, channel: int | None = None,
     device: Any = "auto", tile_size: int | None = None, batch_size: int | None = None,
@@ -202,14 +215,7 @@ def segment_image(
 
     model, _ = resolve_model(model)
     dev, why = select_device(device)
-    ran_on = ""
-
-    def noted(text: str) -> None:  # the runtime the windows actually run on
-        nonlocal ran_on
-        ran_on = getattr(text, "runtime", "") or ran_on
-        if stage is not None:
-            stage(text)
-
+    noted = _RuntimeNoted(stage)
     if stage is not None:
         stage(f"predicting on {why}")
     t0 = time.perf_counter()
@@ -229,7 +235,8 @@ def segment_image(
     _check_cancel(cancel)
     objects = int(labels.max(initial=0)) if labels is not None else 0
     total = time.perf_counter() - t0
-    return SegmentationResult(probs, labels, mode, objects, names, why, ran_on, seconds, total)
+    ran = noted.runtime
+    return SegmentationResult(probs, labels, mode, objects, names, why, ran, seconds, total)
 
 
 # ------------------------------------------------- side outputs, weight-map stacks (widgets)

@@ -321,7 +321,8 @@ def _predict_into(
                 on = f"OpenVINO {opts.backend.precision}" if opts.backend else f"torch ({dev})"
                 size = "×".join(map(str, plan.window_shape))
                 ran = "openvino" if opts.backend else "torch"
-                run.stage(StageNote("run", f"running {total} windows of {size} on {on}", ran))
+                windows = f"{total} window{'s' if total != 1 else ''}"
+                run.stage(StageNote("run", f"running {windows} of {size} on {on}", ran))
             for p in range(layout.n_planes):
                 source = PlaneSource.open(layout, p, norm)
                 raw = opts.backend is None and source.raw_ok  # normalised on the device

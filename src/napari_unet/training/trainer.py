@@ -163,17 +163,15 @@ def _plan_validation(
     counts = [region_objects(e) for e in entries]
     total = sum(c[0] for c in counts)
     held = sum(min(whole, max(1, round(val_fraction * n))) if whole else 0 for n, whole in counts)
-    if held < MIN_VAL_OBJECTS:
-        if validation == "auto":
-            return (
-                "none",
-                0.0,
-                False,
-                f"No validation: {val_fraction:.0%} of {total} annotated objects is {held}, "
-                f"fewer than {MIN_VAL_OBJECTS}; all objects are used for training "
-                "(annotate more cells or draw a validation region).",
-            )
-        return "objects", val_fraction, False, ""
+    if held < MIN_VAL_OBJECTS:  # too few to score: holding them out would only waste them
+        return (
+            "none",
+            0.0,
+            False,
+            f"No validation: {val_fraction:.0%} of {total} annotated objects is {held}, "
+            f"fewer than {MIN_VAL_OBJECTS}; all objects are used for training "
+            "(annotate more cells or draw a validation region).",
+        )
     return "objects", val_fraction, False, ""
 
 
