@@ -214,3 +214,29 @@ def test_openvino_uses_torchs_thread_setting(tmp_path):
         with torch_threads(n):
             predict(model, image, exact=True, device="cpu", runtime="openvino")
         assert [memo[2] for memo in backends._COMPILED] == [n]
+
+
+def test_export_neither_swallows_other_threads_output_nor_prints_tracer_noise(tmp_path, capfd):
+    """The export runs in a worker thread while napari prints: nothing the other thread
+    writes is lost (no process-wide redirection), and the tracer's expected warnings about
+    our shape checks do not reach the console."""
+    import sys
+    import threading
+
+    model = build_model("unet", 1, 3, base_channels=4, depth=2).eval()
+    job = threading.Thread(
+        target=predict, args=(model, np.zeros((64, 64), np.float32)),
+        kwargs={"exact": True, "device": "cpu", "runtime": "openvino"},
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job.start()
+        n = 0
+        while job.is_alive() or n < 3:
+            print(f"gui line {n}", file=sys.stderr, flush=True)
+            n += 1
+            job.join(0.02)
+    assert len(_exported(tmp_path)) == 1
+    err = capfd.readouterr().err
+    assert all(f"gui line {i}\n" in err for i in range(n))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,26 +142,24 @@ class Backend:
         return self.run(x)
 
 
+def _quiet_tracing() -> None:
+    """Silence the tracer's warnings about our own shape checks (expected: the window is
+    fixed) with one filter limited to napari_unet's modules. No redirection of stdout or
+    ``catch_warnings``: both are process-wide and would swallow what other threads (the
+    napari GUI) print during an export."""
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"napari_unet(\.|$)")
+
+
 def _export(
     model: torch.nn.Module, window: tuple[int, int, int], outputs: str, level: int | None,
     path: Path,
 ) -> None:  # fmt: skip
-    import contextlib
-    import io
-    import warnings
-
     import openvino as ov
 
+    _quiet_tracing()
     wrapper = _Probabilities(model, outputs, level).eval()
     example = torch.zeros((1, *window), dtype=torch.float32)
-    quiet = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(quiet),
-        contextlib.redirect_stderr(quiet),
-        torch.no_grad(),
-    ):
-        warnings.simplefilter("ignore")
+    with torch.no_grad():
         converted = ov.convert_model(wrapper, example_input=example, input=[(-1, *window)])
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part.xml")
     ov.save_model(converted, str(tmp), compress_to_fp16=False)
