@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 
 from napari_unet.checkpoint import read_metadata, save_model
@@ -93,3 +94,66 @@ def test_errors_are_one_line(tmp_path):
     tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
     r = run("predict", str(img), "-m", str(evil), "-o", str(tmp_path / "o.tif"))
     assert r.returncode == 2 and "pickle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_closed_stdout_pipe_exits_quietly(tmp_path):
+    """`napari-unet models | head -1`: a reader that goes away ends the command as it ends
+    `ls` — no BrokenPipeError message, exit status 141 (was: an error line and 2)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # argparse itself ignores a failed write of --help (exit 0); either way: no message
+    for args, codes in ((["models"], {141}), (["predict", "--help"], {0, 141})):
+        cmd = [sys.executable, "-m", "napari_unet.cli", *args]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        proc.stdout.close()  # the reader leaves before the first line is written
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) in codes, err
+        assert err == "", err
+
+
+def test_broken_pipe_elsewhere_is_still_an_error(monkeypatch, capsys):
+    """Only a closed stdout is quiet: a BrokenPipeError of anything else stays an error."""
+    import napari_unet.cli.parser as parser
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(parser, "cmd_models", broken)
+    assert main(["models"]) == 2
+    assert "napari-unet: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["predict", "IMG", "-o", "OUT.tif", "--tile", "0"], "--tile: must be ≥ 2, got 0"),
+        (["predict", "IMG", "-o", "OUT.tif", "--batch", "0"], "--batch: must be ≥ 1"),
+        (["predict", "IMG", "-o", "OUT.tif", "--min-size", "-1"], "--min-size: must be ≥ 0"),
+        (["predict", "IMG", "-o", "OUT.tif", "--tile", "big"], "invalid int value: 'big'"),
+        (["train", "IMG", "IMG", "-o", "OUT.safetensors", "--epochs", "0"], "--epochs: must"),
+        (["train", "IMG", "IMG", "-o", "OUT.safetensors", "--seconds", "0"], "--seconds: must"),
+        (["train", "IMG", "IMG", "-o", "OUT.safetensors", "--lr", "-1"], "--lr: must"),
+        (["models", "--classes", "0"], "--classes: must be ≥ 1"),
+    ],
+)
+def test_bad_numbers_are_refused_in_one_line(args, message, tmp_path, capsys):
+    """--tile 0 used to run with the default tile, --epochs 0 wrote an untrained copy."""
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
+    args = [str(img) if a == "IMG" else str(tmp_path / a) if a.startswith("OUT") else a
+            for a in args]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i.tif"]
+
+
+def test_scale_without_3d_is_refused(tmp_path, capsys):
+    """--scale only means something to --3d/--stitch; it was silently ignored."""
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
+    out = tmp_path / "o.tif"
+    assert main(["predict", str(img), "-o", str(out), "--scale", "2,0.5,0.5"]) == 2
+    assert "--scale" in capsys.readouterr().err and not out.exists()

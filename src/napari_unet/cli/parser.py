@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .commands import cmd_compare, cmd_demo, cmd_export, cmd_models, cmd_train
 from .predict import cmd_predict
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number ≥ ``low`` (``--tile 0`` is refused, not taken as auto)."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # ValueError: argparse says "invalid int value: 'big'"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a time budget, a learning rate)."""
+    value = float(text)  # ValueError: argparse says "invalid float value: 'soon'"
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+positive_float.__name__ = "float"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_models(sub: Any) -> None:
     p = sub.add_parser("models", help="print the table of model variants")
-    p.add_argument("--in-channels", type=int, default=1, help="input channels (default 1)")
-    p.add_argument("--classes", type=int, default=2, help="output classes (default 2)")
+    p.add_argument("--in-channels", type=at_least(1), default=1, help="input channels (default 1)")
+    p.add_argument("--classes", type=at_least(1), default=2, help="output classes (default 2)")
     p.set_defaults(func=cmd_models)
 
 
@@ -34,8 +59,9 @@ def _add_predict(sub: Any) -> None:
         "-m",
         "--model",
         default=None,
-        help="bundled trained variant (unet, unet_valid, unetpp, unet3p, u2netp, swin_unet) "
-        "or a checkpoint (.safetensors); default: the bundled U-Net",
+        help="bundled trained variant (unet, unet_valid, unetpp, unet3p, u2netp, swin_unet), "
+        "a checkpoint (.safetensors) or a bioimage.io package (.zip); default: the bundled "
+        "U-Net",
     )
     p.add_argument(
         "--untrained", action="store_true", help="build a fresh, untrained network of -m NAME"
@@ -79,19 +105,22 @@ def _add_predict_volume(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stitch-iou", type=float, default=0.25, help="IoU to join (default 0.25)")
     p.add_argument(
-        "--scale", default=None, metavar="Z,Y,X", help="voxel size for --3d (default: from "
-        "the OME-Zarr metadata, else isotropic)",
+        "--scale", default=None, metavar="Z,Y,X", help="voxel size for --3d/--stitch "
+        "(default: from the OME-Zarr metadata, else isotropic)",
     )  # fmt: skip
 
 
 def _add_predict_engine(p: argparse.ArgumentParser) -> None:
     """Tiling, device, runtime, image layout and post-processing options."""
     p.add_argument(
-        "--tile", type=int, default=None, help="tile (network input window) size in pixels"
+        "--tile",
+        type=at_least(2),
+        default=None,
+        help="tile (network input window) size in pixels (default: chosen per model)",
     )
-    p.add_argument("--batch", type=int, default=None, help="tiles per batch")
+    p.add_argument("--batch", type=at_least(1), default=None, help="tiles per batch")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--level", type=int, default=None, help="UNet++ pruning level 1..4")
+    p.add_argument("--level", type=at_least(1), default=None, help="UNet++ pruning level 1..4")
     p.add_argument(
         "--runtime",
         choices=("auto", "torch", "openvino"),
@@ -106,19 +135,26 @@ def _add_predict_engine(p: argparse.ArgumentParser) -> None:
         "else guessed)",
     )
     p.add_argument(
-        "--series", type=int, default=None, help="image series of a multi-image TIFF (0, 1, ...)"
+        "--series",
+        type=at_least(0),
+        default=None,
+        help="image series of a multi-image TIFF (0, 1, ...)",
     )
-    p.add_argument("--channel", type=int, default=None, help="channel for a one-channel model")
+    p.add_argument(
+        "--channel", type=at_least(0), default=None, help="channel for a one-channel model"
+    )
     p.add_argument("--exact", action="store_true", help="exact tiling (halo = receptive field)")
     p.add_argument(
         "--halo",
-        type=int,
+        type=at_least(0),
         default=None,
         help="with --dask: pixels of context around each chunk instead of the receptive "
         "field (faster for U²-Net, whose field is 3296 px)",
     )
     p.add_argument("--mode", choices=("instance", "semantic"), default="instance")
-    p.add_argument("--min-size", type=int, default=15, help="smallest object in pixels")
+    p.add_argument(
+        "--min-size", type=at_least(0), default=15, help="smallest object in pixels (default 15)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument(
         "--dask",
@@ -163,10 +199,14 @@ def _add_train(sub: Any) -> None:
     start.add_argument(
         "--model", default=None, help="start from a fresh variant instead (e.g. unet, unetpp)"
     )
-    p.add_argument("--classes", type=int, default=3, help="classes of a fresh variant (default 3)")
+    p.add_argument(
+        "--classes", type=at_least(1), default=3, help="classes of a fresh variant (default 3)"
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=float, default=None, help="time budget")
-    budget.add_argument("--epochs", type=int, default=None, help="epochs of 20 steps (default 10)")
+    budget.add_argument("--seconds", type=positive_float, default=None, help="time budget")
+    budget.add_argument(
+        "--epochs", type=at_least(1), default=None, help="epochs of 20 steps (default 10)"
+    )
     p.add_argument(
         "--roi",
         default=None,
@@ -177,11 +217,16 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="ce, ce_dice, unet3p_hybrid, u2net_sides, ... (default: the variant's paper loss)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of the annotated objects held out for validation (default 0.2; 0: none)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     p.set_defaults(func=cmd_train)
 
 
@@ -202,7 +247,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--no-heads", action="store_true", help="final outputs only, no per-depth rows")
     p.add_argument("--no-ap", action="store_true", help="skip AP@0.5:0.95")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.set_defaults(func=cmd_compare)
 
 

@@ -48,6 +48,8 @@ def check_targets(args: argparse.Namespace, image_ngff: bool | None) -> None:
     """Refuse impossible output requests; ``image_ngff`` None: the image is not open yet."""
     if args.output is None and args.labels_into_image is None:
         raise ValueError("give the labels output: -o OUT.tif|OUT.zarr, or --labels-into-image NAME")
+    if args.scale and not volume_method(args):
+        raise ValueError("--scale is the voxel size of --3d/--stitch; add --3d or drop --scale")
     if volume_method(args) and args.mode != "instance":
         raise ValueError("--3d/--stitch make instance labels; drop --mode")
     if args.labels_into_image is not None and image_ngff is not None:
