@@ -307,3 +307,49 @@ def test_receptive_field_probe_without_the_registry():
     direct = UNetPlusPlus(1, 2, base_channels=2, depth=3)
     assert direct._factory is None and built._factory is UNetPlusPlus
     assert measure_receptive_field(built) == measure_receptive_field(direct) > 0
+
+
+def test_has_classifier_is_declared_metadata():
+    """Training asks ``model.has_classifier`` (not ``hasattr``) whether to train a CGM."""
+    from napari_unet.models.unet import UNet
+    from napari_unet.training.losses import cgm_loss, compute_loss, get_loss
+
+    for name in list_models():  # SMALL's UNet 3+ has deep supervision, so its CGM is on
+        assert build_model(name, 1, 2, **SMALL[name]).has_classifier is (name == "unet3p")
+    small = {"base_channels": 2, "depth": 2}
+    assert not build_model("unet3p", 1, 2, **small).has_classifier
+    assert build_model("unet3p", 1, 2, **small, deep_supervision=True).has_classifier
+    assert build_model("unet3p", 1, 2, **small, cgm=True).has_classifier
+    assert not build_model("unet3p", 1, 2, **small, deep_supervision=True, cgm=False).has_classifier
+
+    class WithClassifier(UNet):  # any model may declare one: the loss follows the metadata
+        has_classifier = True
+
+        def forward_all_with_cls(self, x):
+            return self.forward_all(x), torch.tensor([[0.0, 2.0]]).expand(len(x), 2)
+
+    model = WithClassifier(1, 2, base_channels=2, depth=2).eval()
+    x, target = torch.rand(2, 1, 16, 16), torch.randint(0, 2, (2, 16, 16))
+    outputs, logits = model.forward_all_with_cls(x)
+    expected = get_loss("ce")(outputs, target) + cgm_loss(logits, target)
+    torch.testing.assert_close(compute_loss(model, x, target, loss="ce"), expected)
+    plain = UNet(1, 2, base_channels=2, depth=2).eval()
+    torch.testing.assert_close(
+        compute_loss(plain, x, target, loss="ce"), get_loss("ce")(plain.forward_all(x), target)
+    )
+
+
+def test_model_panel_describes_unetpp_without_deep_supervision():
+    """The Model panel's rows raised ValueError for ``deep_supervision=False`` (it listed
+    levels 1..depth, which only exist with deep supervision)."""
+    pytest.importorskip("napari")
+    from napari_unet._widgets._model_info import describe
+
+    plain = build_model("unetpp", 1, 3, base_channels=4, deep_supervision=False)
+    rows = describe(plain, "cpu")
+    assert rows["UNet++ levels"].startswith("L4 only")
+    assert f"{plain.level_parameters(4):,}" in rows["UNet++ levels"]
+    assert rows["deep-supervision outputs"] == "1"
+    ds = build_model("unetpp", 1, 3, base_channels=4)
+    levels = describe(ds, "cpu")["UNet++ levels"]
+    assert levels.split(", ") == [f"L{L}: {ds.level_parameters(L):,}" for L in range(1, 5)]

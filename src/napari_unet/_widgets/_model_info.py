@@ -131,7 +131,14 @@ def describe(model: Any, device: str) -> dict[str, str]:
     if summary:
         rows["training"] = training_text(summary)
     if model.supports_levels:
-        rows["UNet++ levels"] = ", ".join(
-            f"L{L}: {model.level_parameters(L):,}" for L in range(1, model.depth + 1)
-        )
+        rows["UNet++ levels"] = levels_text(model)
     return rows
+
+
+def levels_text(model: Any) -> str:
+    """Parameters per level ``forward(x, level=L)`` accepts. A UNet++ built without deep
+    supervision has only the head on ``X[0][depth]``: it runs whole, never pruned."""
+    if not model.deep_supervision:
+        top = model.levels
+        return f"L{top} only (no deep supervision: not prunable): {model.level_parameters(top):,}"
+    return ", ".join(f"L{L}: {model.level_parameters(L):,}" for L in range(1, model.levels + 1))

@@ -86,7 +86,9 @@ class SegmentationModel(nn.Module):
       dict, see :mod:`napari_unet.inference.normalize`); ``None``: the default;
     * ``training_summary`` — the compact record of its last training run, or ``None``;
     * ``levels`` / ``supports_levels`` — UNet++-style pruning: ``forward(x, level=L)``
-      for ``L`` in ``1..levels``; 0 / False for networks that cannot be pruned.
+      for ``L`` in ``1..levels``; 0 / False for networks that cannot be pruned;
+    * ``has_classifier`` — an image-level classifier trained with the segmentation (UNet
+      3+'s CGM): training calls ``forward_all_with_cls``; False for the others.
     """
 
     size_divisor: int = 1
@@ -176,6 +178,13 @@ class SegmentationModel(nn.Module):
     def supports_levels(self) -> bool:
         """True when ``forward(x, level=L)`` prunes the network (UNet++)."""
         return self.levels > 0
+
+    @property
+    def has_classifier(self) -> bool:
+        """True when the network also classifies the whole image (UNet 3+ with its CGM):
+        ``forward_all_with_cls(x)`` then returns ``(forward_all(x), logits (N, 2))`` and
+        training adds :func:`napari_unet.training.losses.cgm_loss`."""
+        return False
 
     # ------------------------------------------------------------------ public API
     def check_input(self, x: torch.Tensor) -> None:

@@ -240,6 +240,11 @@ class UNet3Plus(SegmentationModel):
         return self._gate([d1], self._classify(feats[-1]))[0]
 
     # --------------------------------------------------------------- public API
+    @property
+    def has_classifier(self) -> bool:
+        """True with the CGM (``cgm=True``, or ``None`` with deep supervision)."""
+        return self.cgm
+
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """CGM logits ``(N, 2)``; index 1 means "the image contains the structure".
 

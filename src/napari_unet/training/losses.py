@@ -35,12 +35,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .ms_ssim import MS_SSIM_WEIGHTS, ms_ssim, ms_ssim_scales
+
+if TYPE_CHECKING:
+    from ..models.base import SegmentationModel
 
 __all__ = [
     "MS_SSIM_WEIGHTS",
@@ -477,10 +480,11 @@ def _center_crop(t: torch.Tensor | None, h: int, w: int) -> torch.Tensor | None:
 
 
 def _run_model(
-    model: torch.nn.Module, x: torch.Tensor
+    model: SegmentationModel, x: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """All outputs and, for a UNet 3+ with CGM, the classifier logits (N, 2)."""
-    if hasattr(model, "forward_all_with_cls") and getattr(model, "cgm", False):
+    """All outputs and, for a model with an image classifier (UNet 3+ with CGM), the
+    classifier logits (N, 2)."""
+    if model.has_classifier:
         outputs, cls_logits = model.forward_all_with_cls(x)
         return list(outputs), cls_logits
     return list(model.forward_all(x)), None
@@ -498,7 +502,8 @@ def compute_loss(
 ) -> torch.Tensor:
     """Training loss of ``model`` on ``x (N, C_in, H, W)`` against ``target (N, H, W)``.
 
-    Runs ``model.forward_all`` (or ``forward_all_with_cls`` for a UNet 3+ with CGM),
+    Runs ``model.forward_all`` (or ``forward_all_with_cls`` when ``model.has_classifier``:
+    a UNet 3+ with CGM),
     combines every output with the preset (see :class:`LossPreset`; ``ds_weights`` in
     ``forward_all`` order) and adds ``cls_weight ·`` :func:`cgm_loss` when the model
     has a CGM. Targets, weights and mask are centre-cropped to the output size when the
