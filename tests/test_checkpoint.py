@@ -213,3 +213,23 @@ def test_a_model_package_is_named_not_called_a_pickle(tmp_path: Path) -> None:
         zf.writestr("rdf.yaml", "type: model\n")
     with pytest.raises(ValueError, match="bioimage.io model package.*napari_unet.load_model"):
         load_model(path)
+
+
+def test_a_trained_model_saved_plainly_keeps_its_training_record(tmp_path, nuclei):
+    """save_model(model, path) after train() stores model.training_summary (the record of
+    which images it was trained on, accumulated over fine-tunes), and loading restores it."""
+    from napari_unet import train
+
+    image, labels = nuclei
+    model = build_model("unet", 1, 3, base_channels=4, depth=2)
+    kw = dict(roi=(0, 128, 0, 128), steps=1, batch_size=2, patch_size=64, validation="none")
+    train(model, image, labels, **kw)
+    path = save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(path)
+    assert loaded.training_summary["trained_on"] == [{"name": "", "shape": [256, 512]}]
+    train(loaded, image[:, :300], labels[:, :300], **kw)
+    assert loaded.training_summary["trained_on"] == [
+        {"name": "", "shape": [256, 512]},
+        {"name": "", "shape": [256, 300]},
+    ]
+    assert read_metadata(save_model(loaded, tmp_path / "m2"))["training"]["steps"] == 1

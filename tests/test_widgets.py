@@ -473,6 +473,20 @@ def test_train_lowers_loss_and_predict_uses_it(viewer, qtbot):
 
     expected = predict(state.model, viewer.layers["nuclei"].data, device="cpu")
     np.testing.assert_allclose(probs_after, expected, atol=1e-5)
+    # Compare on the image it was trained on says its score is no test
+    assert state.current.summary["trained_on"] == [{"name": "nuclei", "shape": [256, 512]}]
+    cmp = dock(viewer, "Compare models")
+    qtbot.waitUntil(lambda: "unet (trained 1)" in cmp._models, timeout=TIMEOUT)
+    for i in range(cmp.model_list.count()):
+        item = cmp.model_list.item(i)
+        keep = item.text() == "unet (trained 1)"
+        item.setCheckState(item.checkState().__class__(2 if keep else 0))
+    assert list(cmp.selected_models()) == ["unet (trained 1)"]
+    cmp.labels_combo.set_layer(viewer.layers["nuclei labels"])
+    cmp.run()
+    qtbot.waitUntil(lambda: cmp._job is None, timeout=TIMEOUT)
+    text = cmp.status.text()
+    assert "unet (trained 1) trained on this image" in text and "not a test" in text
 
 
 def test_train_with_region_and_prediction(viewer, qtbot):

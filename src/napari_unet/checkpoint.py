@@ -104,7 +104,9 @@ def save_model(
             its normalisation from ``model.normalization`` (else the default).
         path: the file; ``.safetensors`` is added when the name has no suffix.
         training: a JSON-able summary of how the model was trained (epochs, losses,
-            data …); numpy scalars/arrays and Paths are converted.
+            data …); numpy scalars/arrays and Paths are converted. Default: the model's
+            ``training_summary`` (set by :func:`napari_unet.train`), so a save after
+            training keeps its record.
         extra: any further JSON-able dict.
         overwrite: replace any existing file; without it only an existing napari-unet
             checkpoint is replaced and any other file raises ``FileExistsError``.
@@ -113,7 +115,7 @@ def save_model(
         The path written.
     """
     path = _checkpoint_path(path)
-    text = _metadata_json(model, training, extra)
+    text = _metadata_json(model, model.training_summary if training is None else training, extra)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name ending in {SUFFIX}")
     mode = 0o644

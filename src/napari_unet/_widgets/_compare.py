@@ -195,6 +195,7 @@ class CompareWidget(QWidget):
                 )
                 return
         heads = self.heads.isChecked()
+        self._trained_here = self._trained_on(models, image_layer.name, labels.shape[-2:])
         device = getattr(self.state, "device", "cpu")
         device = "cpu" if device in (None, "", "auto") else device
 
@@ -224,6 +225,20 @@ class CompareWidget(QWidget):
             on_finished=self._finished,
             **kwargs,
         )
+
+    def _trained_on(self, models: dict[str, Any], name: str, shape: tuple) -> list[str]:
+        """Labels of the compared models fine-tuned on this image (same layer name and
+        plane size in their training summary): their scores include their training data."""
+        here = []
+        for label, model in models.items():
+            entry = self.state.entry_of(model)
+            images = ((entry.summary or {}).get("trained_on") or []) if entry else []
+            if any(
+                im.get("name") == name and tuple(im.get("shape", ()))[-2:] == tuple(shape)
+                for im in images
+            ):
+                here.append(label)
+        return here
 
     def cancel(self) -> None:
         if self._job is not None:
@@ -271,11 +286,14 @@ class CompareWidget(QWidget):
         if rows:
             self.table.selectRow(0)
             best = rows[0]
-            set_status(
-                self.status,
-                f"best: {best.label} (F1@0.5 {best.f1:.3f}, {best.n_gt} objects scored)",
-                "ok",
-            )
+            text = f"best: {best.label} (F1@0.5 {best.f1:.3f}, {best.n_gt} objects scored)"
+            trained = getattr(self, "_trained_here", [])
+            if trained:
+                text += (
+                    f"; {', '.join(trained)} trained on this image: "
+                    "scores include training data, not a test"
+                )
+            set_status(self.status, text, "warn" if trained else "ok")
 
     # ---------------------------------------------------------------- selection
     def selected_row(self) -> Any:

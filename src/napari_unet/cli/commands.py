@@ -100,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         report.close()
-    save_model(model, out, training=history.summary(), overwrite=args.overwrite)
+    save_model(model, out, overwrite=args.overwrite)  # with model.training_summary
     print(
         f"wrote {out} after {len(history.losses)} steps in {history.seconds:.0f} s", file=sys.stderr
     )

@@ -26,7 +26,7 @@ reason is given instead (:attr:`TrainingSummary.val_note`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,10 +35,9 @@ from scipy import ndimage as ndi
 
 from ..inference.normalize import apply_normalization, normalization_stats, sample_plane
 from ..weightmap import border_weight_map, targets_from_instances, two_class_target
+from .summary import MIN_VAL_OBJECTS, TrainingSummary  # noqa: F401 - also imported from here
 
 DEFAULT_MARGIN = 16
-MIN_VAL_OBJECTS = 5
-"""No validation score is reported on fewer objects than this."""
 VAL_RING = 3
 """Pixels around a held-out object that are also held out (its boundary stays unseen)."""
 VAL_CONTEXT = 32
@@ -198,61 +197,6 @@ def _is_rect(r: Any) -> bool:
         and len(r) == 4
         and all(np.isscalar(v) and not isinstance(v, (str, bytes)) for v in r)
     )
-
-
-@dataclass
-class TrainingSummary:
-    """What went into a training run (reported at start, stored in the history).
-
-    ``objects``: annotated objects with pixels inside a training region (held-out objects
-    excluded); ``pixels``: pixels the loss sees (inside regions, not held out).
-    ``validation``: "none" | "objects" (held-out fraction) | "regions";
-    ``val_objects``: objects scored; ``val_note``: what the score is, or why there is none.
-    """
-
-    images: int = 0
-    regions: int = 0
-    objects: int = 0
-    pixels: int = 0
-    validation: str = "none"
-    val_objects: int = 0
-    val_pixels: int = 0
-    val_note: str = ""
-    per_image: list[dict[str, Any]] = field(default_factory=list)
-    # budget and runtime, filled by the trainer
-    steps: int | None = None
-    seconds: float | None = None
-    precision: str = ""
-    threads: int | None = None
-    device: str = ""
-
-    @property
-    def scored(self) -> bool:
-        """True when a validation score will be reported."""
-        return self.validation != "none" and self.val_objects >= MIN_VAL_OBJECTS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        """One plain-English line for a status bar or a log."""
-        s = lambda n, w: f"{n:,} {w}" + ("" if n == 1 else "s")  # noqa: E731
-        text = (
-            f"{s(self.images, 'image')}, {s(self.regions, 'region')}, "
-            f"{s(self.objects, 'object')}, {s(self.pixels, 'pixel')}"
-        )
-        budget = []
-        if self.steps is not None:
-            budget.append(s(self.steps, "step"))
-        if self.seconds is not None:
-            budget.append(f"at most {self.seconds:g} s")
-        if budget:
-            text += "; " + " / ".join(budget)
-        if self.precision:
-            text += f"; {self.precision}"
-        if self.threads:
-            text += f", {s(self.threads, 'thread')}"
-        return text + ". " + self.val_note
 
 
 @dataclass

@@ -86,8 +86,8 @@ class TrainHistory:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def summary(self) -> dict[str, Any]:
-        """Compact record stored in checkpoints."""
+    def summary(self, trained_on: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Compact record stored in checkpoints (``trained_on``: of earlier runs)."""
         last = self.epochs[-1] if self.epochs else {}
         d = self.data
         return {
@@ -104,6 +104,7 @@ class TrainHistory:
             "data_regions": d.regions,
             "data_objects": d.objects,
             "data_pixels": d.pixels,
+            "trained_on": d.trained_on(trained_on),
             **self.settings,
         }
 
@@ -321,7 +322,7 @@ def train(
     sampling = _Sampling(batch_size, _patch_size(model, patch_size), seed, augment)
     history = _new_history(datasets, summary, options, sampling)
     _Run(model, datasets, history, options, sampling, callback, cancel).run(threads)
-    model.training_summary = history.summary()
+    model.training_summary = history.summary((model.training_summary or {}).get("trained_on", []))
     return history
 
 
