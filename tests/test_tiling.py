@@ -342,3 +342,26 @@ def test_integer_percentiles_equal_numpys():
                 got = normalization_stats(v, norm)
                 ref = normalization_stats(v.astype(np.float64), norm)
                 assert np.array_equal(got, ref), (dtype, n, low, high)
+
+
+def test_bad_settings_are_refused_in_one_line():
+    """tile_size=0 / batch_size=0 were silently replaced by the defaults; an unknown
+    device got torch's list of every device type; a UNet++ without deep supervision was
+    offered levels it does not have."""
+    m = _model("unet")
+    img = _image((64, 64))
+    for kwargs, message in (
+        ({"tile_size": 0}, "tile_size must be ≥ 2, got 0"),
+        ({"batch_size": 0}, "batch_size must be ≥ 1, got 0"),
+        ({"device": "tpu"}, "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+    ):
+        with pytest.raises(ValueError) as err:
+            predict(m, img, **kwargs)
+        assert str(err.value) == message
+    plain = build_model("unetpp", 1, 3, base_channels=4, depth=2, deep_supervision=False)
+    assert not plain.supports_levels and plain.levels == 2
+    with pytest.raises(ValueError, match="built without deep supervision: it cannot be pruned"):
+        predict(plain, img, level=1)
+    with pytest.raises(ValueError, match="prunes UNet.. only; unet has no levels"):
+        predict(m, img, level=1)
+    assert predict(plain, img).shape == (3, 64, 64)

@@ -271,11 +271,14 @@ def select_device(device: str | torch.device = "auto") -> tuple[torch.device, st
         if torch.cuda.is_available():
             return torch.device("cuda"), f"CUDA: {torch.cuda.get_device_name(0)}"
         return torch.device("cpu"), "CPU (CUDA not available)"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:  # torch lists every device type it knows
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda")
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return (
         dev,
         "CPU (requested)" if dev.type == "cpu" else f"CUDA: {torch.cuda.get_device_name(dev)}",

@@ -130,7 +130,7 @@ def describe(model: Any, device: str) -> dict[str, str]:
     summary = model.training_summary
     if summary:
         rows["training"] = training_text(summary)
-    if model.supports_levels:
+    if model.levels:
         rows["UNet++ levels"] = levels_text(model)
     return rows
 

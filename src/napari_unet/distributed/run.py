@@ -169,8 +169,7 @@ def _prepare(model: Any, image: Any, out: str, settings: dict[str, Any]) -> tupl
     from ..inference.source import PlaneSource
 
     obj, data = model_bytes(model)
-    if settings["level"] is not None and not obj.supports_levels:
-        raise ValueError(f"level= prunes UNet++ only; {obj.name} has no levels")
+    obj.check_level(settings["level"])
     key = hashlib.sha256(data).hexdigest()
     layout = resolve_layout(image, obj.in_channels, settings["axes"], settings["channel"])
     spec = build_spec(obj, layout, out=out, key=key, **settings)

@@ -238,7 +238,7 @@ def tile_plan_for(
     * other models: Gaussian-blended windows overlapping by 25 %.
     """
     dev = device or torch.device("cpu")
-    tile = tile_size or DEFAULT_TILE[dev.type]
+    tile = DEFAULT_TILE[dev.type] if tile_size is None else int(tile_size)
     if tile < 2:
         raise ValueError(f"tile_size must be ≥ 2, got {tile}")
     window, halo, blended = window_rules(model, tile, exact=exact, halo=halo)

@@ -137,14 +137,22 @@ def predict(
     model = _trained_or_warned(model)
     if outputs not in ("final", "all"):
         raise ValueError(f"outputs must be 'final' or 'all', got {outputs!r}")
-    if level is not None and not model.supports_levels:
-        raise ValueError(f"level= prunes UNet++ only; {model.name} has no levels")
+    model.check_level(level)
     layout = resolve_layout(image, model.in_channels, axes, channel)
     dev, _ = select_device(device)
-    run = _Run(tile_size or DEFAULT_TILE[dev.type], batch_size or DEFAULT_BATCH[dev.type],
-               amp, exact, outputs, level, progress, cancel, halo, runtime, stage)  # fmt: skip
+    tile, batch = _tile_and_batch(dev, tile_size, batch_size)
+    run = _Run(tile, batch, amp, exact, outputs, level, progress, cancel, halo, runtime, stage)
     arrays = _predict_all(model, layout, out, image, dev, run)
     return (arrays[0], arrays[1:]) if outputs == "all" else arrays[0]
+
+
+def _tile_and_batch(dev: torch.device, tile_size: Any, batch_size: Any) -> tuple[int, int]:
+    """The device's defaults for None; 0 or less is refused (never silently the default)."""
+    tile = DEFAULT_TILE[dev.type] if tile_size is None else int(tile_size)
+    batch = DEFAULT_BATCH[dev.type] if batch_size is None else int(batch_size)
+    if batch < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    return tile, batch
 
 
 _CLUSTER_ARGS = ("out", "axes", "channel", "tile_size", "batch_size", "device", "amp", "exact",

@@ -179,6 +179,18 @@ class SegmentationModel(nn.Module):
         """True when ``forward(x, level=L)`` prunes the network (UNet++)."""
         return self.levels > 0
 
+    def check_level(self, level: int | None) -> None:
+        """Raise a one-line ValueError unless ``level`` (None: the whole network) may prune
+        this network (``predict(level=)``, the dask run)."""
+        if level is None or self.supports_levels:
+            return
+        if self.levels:
+            raise ValueError(
+                f"{self.name} was built without deep supervision: it cannot be pruned "
+                f"(level= needs its side heads); leave level unset"
+            )
+        raise ValueError(f"level= prunes UNet++ only; {self.name} has no levels")
+
     @property
     def has_classifier(self) -> bool:
         """True when the network also classifies the whole image (UNet 3+ with its CGM):

@@ -70,6 +70,11 @@ class UNetPlusPlus(SegmentationModel):
         deep supervision, whose heads read ``X[0][L]``)."""
         return self.depth
 
+    @property
+    def supports_levels(self) -> bool:
+        """Pruning needs the side heads: only with deep supervision."""
+        return bool(self.deep_supervision)
+
     def _head(self, level: int) -> nn.Module:
         return self.heads[level - 1] if self.deep_supervision else self.heads[0]
 
