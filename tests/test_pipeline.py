@@ -119,3 +119,22 @@ def test_segment_image_reports_the_runtime_the_windows_ran_on(model, nuclei, tmp
     forced = segment_image(model, image, device="cpu", runtime="openvino")
     assert forced.runtime == "openvino"
     backends.clear_compiled()
+
+
+def test_side_outputs_are_named_as_in_compare():
+    """Inspect's rows and Compare's rows name U²-Net's and UNet 3+'s outputs alike
+    (side1..side6, fuse; d1..d5), the final one marked."""
+    from napari_unet.compare import head_names
+    from napari_unet.models import build_model
+    from napari_unet.pipeline import side_outputs
+
+    image = np.random.default_rng(0).random((64, 64), np.float32)
+    for name, cfg in (("u2netp", {}), ("unet3p", {"deep_supervision": True})):
+        model = build_model(name, 1, 3, **cfg).eval()
+        rows = side_outputs(model, image, device="cpu").rows
+        names = [r["output"] for r in rows]
+        final = model.final_index % model.num_outputs
+        expected = list(head_names(model))
+        expected[final] += " (final)"
+        assert names == expected
+    assert head_names(build_model("u2netp", 1, 3))[-2:] == ["side6", "fuse"]

@@ -71,17 +71,8 @@ class CompareRow:
 
 
 def head_names(model: SegmentationModel) -> list[str]:
-    """Name of every ``forward_all`` output, in that order."""
-    n = model.num_outputs
-    if n == 1:
-        return ["final"]
-    if model.name == "unetpp":
-        return [f"L{i}" for i in range(1, n + 1)]
-    if model.name == "unet3p":
-        return [f"d{i}" for i in range(1, n + 1)]
-    if model.name in ("u2net", "u2netp"):
-        return [f"side{i}" for i in range(1, n)] + ["fuse"]
-    return [f"out{i}" for i in range(1, n + 1)]
+    """Name of every ``forward_all`` output, in that order (``model.output_names``)."""
+    return model.output_names
 
 
 def _windows(shape: tuple[int, int], rois: Sequence[Roi] | None) -> list[tuple[Roi, Roi]]:

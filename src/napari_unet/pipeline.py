@@ -359,7 +359,7 @@ def _side_outputs(
             predict(model, image, level=level, stage=clock, **opts)
             seconds = f"{clock.since_run():.2f} s"
         else:
-            name = "final" if i == final_index else f"output {i + 1}"
+            name = model.output_names[i] + (" (final)" if i == final_index and n > 1 else "")
             if n == 1:
                 name = "final (single output)"
             params = model.info.parameters

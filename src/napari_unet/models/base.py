@@ -133,6 +133,14 @@ class SegmentationModel(nn.Module):
         return -1
 
     @property
+    def output_names(self) -> list[str]:
+        """Name of every ``forward_all`` output, in that order (Compare rows, Inspect's
+        side outputs): ``final`` for one output; UNet++ ``L1..``, UNet 3+ ``d1..``,
+        U²-Net ``side1..side6, fuse``."""
+        n = self.num_outputs
+        return ["final"] if n == 1 else [f"out{i}" for i in range(1, n + 1)]
+
+    @property
     def border(self) -> int:
         """Pixels lost per side by valid (unpadded) convolutions: 0 for padded networks,
         92 for the paper's valid U-Net at depth 4 (572² in → 388² out). Not the tiler's

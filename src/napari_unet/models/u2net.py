@@ -204,6 +204,10 @@ class U2Net(SegmentationModel):
     def num_outputs(self) -> int:
         return 7
 
+    @property
+    def output_names(self) -> list[str]:
+        return [f"side{i}" for i in range(1, 7)] + ["fuse"]
+
     def _probe_config(self) -> dict:
         # Thinnest copy with the same wiring: 16 → 1 channel, 512 → 32.
         return {"width": 1 / 16, "norm": "none"}

@@ -175,6 +175,11 @@ class UNet3Plus(SegmentationModel):
         return len(self.heads)
 
     @property
+    def output_names(self) -> list[str]:
+        n = self.num_outputs
+        return ["final"] if n == 1 else [f"d{i}" for i in range(1, n + 1)]
+
+    @property
     def tile_exact(self) -> bool:
         if self.cgm:
             return False

@@ -65,6 +65,11 @@ class UNetPlusPlus(SegmentationModel):
         return len(self.heads)
 
     @property
+    def output_names(self) -> list[str]:
+        n = self.num_outputs
+        return ["final"] if n == 1 else [f"L{i}" for i in range(1, n + 1)]
+
+    @property
     def levels(self) -> int:
         """``forward(x, level=L)`` for ``L`` in ``1..depth`` (below ``depth`` only with
         deep supervision, whose heads read ``X[0][L]``)."""
