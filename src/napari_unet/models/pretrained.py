@@ -70,14 +70,14 @@ class PretrainedCard:
         return d
 
     def summary(self) -> str:
-        """One line: parameters, cost, speed and development-image scores."""
+        """One line: parameters, cost and development-image score. No speed: the stored
+        ``cpu_seconds_per_mp`` is torch eager fp32 at training time on a busy machine,
+        3-25× the default runtime's (see the README's zoo table)."""
         parts = [self.title]
         if self.parameters is not None:
             parts.append(f"{self.parameters / 1e6:.2f}M params")
         if self.gflop_per_mp is not None:
             parts.append(f"{self.gflop_per_mp:.0f} GFLOP/MP")
-        if self.cpu_seconds_per_mp is not None:
-            parts.append(f"{self.cpu_seconds_per_mp:.1f} s/MP CPU")
         if self.dev_f1 is not None:
             parts.append(f"dev F1@0.5 {self.dev_f1:.3f}")
         return " · ".join(parts)
