@@ -393,7 +393,7 @@ def test_zstack_is_distributed_along_z_and_resumes_after_cancel(cluster, tiny_mo
     assert not (planes[0] & planes[1]) and not (planes[1] & planes[2])
 
 
-def test_cli_predict_dask(cluster, tiny_model, tmp_path):
+def test_cli_predict_dask(cluster, tiny_model, tmp_path, capsys):
     from napari_unet.cli import main
 
     client, _ = cluster
@@ -413,6 +413,9 @@ def test_cli_predict_dask(cluster, tiny_model, tmp_path):
     assert np.abs(group["probabilities"][...] - ref).max() <= 1e-5
     assert_same_instances(group["labels"][...], segment(ref, class_names=model.class_names))
     assert main(argv[:-4] + ["-o", str(tmp_path / "x.tif"), "--dask", address]) == 2
+    capsys.readouterr()
+    assert main(argv) == 0  # run again: complete, nothing computed, and it says so
+    assert "out.zarr is already complete (nothing computed" in capsys.readouterr().err
 
 
 def test_costly_exact_context_warns_with_the_shorter_halo(tmp_path, capsys):

@@ -54,6 +54,12 @@ def predict_dask(args: argparse.Namespace, image) -> int:
     letters = _labels_letters(args.axes or image.axes, labels.ndim)
     if letters:
         add_labels_metadata(args.output, letters, image.ngff)
+    if bar.bar is None:  # no chunk reported: the store was complete before this run
+        print(
+            f"{args.output} is already complete (nothing computed; --overwrite recomputes it)",
+            file=sys.stderr,
+        )
+        return 0
     print(
         f"wrote {args.output} (probabilities, {args.mode} labels {labels.shape}); "
         "an interrupted run resumes when started again with the same output",
