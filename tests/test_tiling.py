@@ -327,16 +327,19 @@ def test_small_integer_images_are_normalised_on_the_device_bit_identically(dtype
     assert not rgb.raw_ok  # luminance mixes channels in float: normalised on the host
 
 
-def test_integer_percentiles_equal_numpys():
-    """The histogram path of the normalisation statistics (8/16-bit images) gives
-    np.percentile's float64 values exactly."""
+def test_fast_percentiles_equal_numpys():
+    """The fast paths of the normalisation statistics (a histogram for 8/16-bit images, a
+    partition in the image's own dtype otherwise) give np.percentile's float64 values on a
+    float64 copy exactly."""
     from napari_unet.inference.normalize import normalization_stats
 
     rng = np.random.default_rng(6)
-    for dtype in (np.uint8, np.uint16, np.int8, np.int16):
-        info = np.iinfo(dtype)
+    for dtype in (np.uint8, np.uint16, np.int8, np.int16, np.int32, np.float32, np.float64):
+        info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.iinfo(np.int16)
         for n in (1, 2, 7, 1001, 40_000):
             v = rng.integers(info.min, info.max, (2, n), endpoint=True).astype(dtype)
+            if np.dtype(dtype).kind == "f":
+                v = v * np.asarray(rng.random((2, n)), dtype)  # not integral
             for low, high in ((1.0, 99.8), (0.0, 100.0), (3.3, 97.1)):
                 norm = {"method": "percentile", "low": low, "high": high}
                 got = normalization_stats(v, norm)
