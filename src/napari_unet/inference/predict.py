@@ -230,10 +230,18 @@ def _allocate_all(model, layout: Layout, out, image, outputs: str, created) -> l
 def _run_stepping_down(model, layout: Layout, arrays, dev: torch.device, run: _Run) -> None:
     """Predict into ``arrays``; on CUDA out-of-memory (or a 32-bit kernel limit) retry with
     half the batch, then half the tile, then on the CPU, each with a warning."""
+    from .backends import NonFiniteOutput
+
     while True:
         try:
             _predict_into(model, layout, arrays, dev, run)
             return
+        except NonFiniteOutput:
+            if run.amp is False:  # f32 never raises it
+                raise
+            run.amp = False
+            msg = f"{model.name} gave non-finite values at bf16 on OpenVINO: predicting at f32"
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             why = _cuda_step_down_reason(exc, dev)
             if why is None:
