@@ -70,10 +70,16 @@ def _preexec(fsize: int | None = None):
     return setup
 
 
+# The child's own peak (VmHWM of its memory map, KiB): ru_maxrss after fork + exec starts at
+# the parent's peak, so a pytest process grown past 1.5 GB failed the memory checks here.
 _WRAPPER = (
-    "import sys, resource, atexit\n"
-    "atexit.register(lambda: open(sys.argv[1], 'w').write("
-    "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "import sys, atexit\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return line.split()[1]\n"
+    "    return ''\n"
+    "atexit.register(lambda: open(sys.argv[1], 'w').write(_peak()))\n"
     "from napari_unet.cli import main\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
