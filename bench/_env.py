@@ -15,3 +15,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def vm_hwm_mb() -> float | None:
+    """Peak RSS of this process image (``VmHWM`` of /proc/self/status), MiB; None off Linux.
+
+    Unlike ``ru_maxrss``, it does not start at the parent's peak after fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

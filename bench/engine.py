@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _env import cpu_model
+from _env import cpu_model, vm_hwm_mb
 from napari_unet.inference import backends
 from napari_unet.inference.predict import predict
 from napari_unet.metrics import object_metrics
@@ -241,16 +241,10 @@ def huge(source: str) -> dict:
 
 
 def _peak_rss_mib() -> float:
-    """This process's own peak RSS: VmHWM of its memory map (Linux). Not ru_maxrss, which
-    after fork + exec starts at the parent's peak (a parent that ran the other benchmarks
-    showed 6.2 GB "before" the run)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM; ru_maxrss off Linux). Not ru_maxrss on Linux:
+    after fork + exec it starts at the parent's peak (a parent that ran the other
+    benchmarks showed 6.2 GB "before" the run)."""
+    return vm_hwm_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def huge_in_subprocess(size: int, threads: int) -> dict:

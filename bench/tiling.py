@@ -85,7 +85,7 @@ import psutil
 import torch
 from scipy.ndimage import gaussian_filter
 
-from _env import cpu_model
+from _env import cpu_model, vm_hwm_mb
 from napari_unet.inference.normalize import (
     apply_normalization,
     get_normalization,
@@ -367,17 +367,6 @@ def write_huge_input(path: Path, size: int, chunk: int = 1024) -> float:
             block = render(y, x, round_cells(h), round_cells(w))[:h, :w]
             arr[y : y + h, x : x + w] = np.clip(np.rint(block), 0, 65535).astype(np.uint16)
     return time.perf_counter() - t
-
-
-def vm_hwm_mb() -> float | None:
-    """Peak RSS of this process image (``VmHWM`` of /proc/self/status), MB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def start_huge_child(threads: int | None) -> subprocess.Popen[str]:
