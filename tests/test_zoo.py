@@ -192,6 +192,7 @@ def test_compare_widget(make_napari_viewer, qtbot):
     assert [r.name for r in w.rows] == ["unet", "tiny"]  # the trained one first
     assert w.table.rowCount() == 2 and w.table.item(0, 0).text() == "unet"
     assert "best: unet" in w.status.text()
+    assert w.progress.value() == 100 and w.progress.format() == "done"
     w.table.selectRow(0)
     w.use_selected()
     assert state.model is w.rows[0].model

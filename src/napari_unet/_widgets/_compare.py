@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QListWidget,
     QListWidgetItem,
+    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -88,6 +89,10 @@ class CompareWidget(QWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
+        self.progress = QProgressBar()  # one step per model compared
+        self.progress.setRange(0, 100)
+        self.progress.setTextVisible(True)
+        layout.addWidget(self.progress)
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -211,6 +216,7 @@ class CompareWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         set_status(self.status, f"comparing {len(models)} model(s)…")
+        self._bar(0, f"0/{len(models)} models…")
         kwargs = {}
         if "owner" in inspect.signature(start_job).parameters:
             kwargs["owner"] = self
@@ -251,10 +257,17 @@ class CompareWidget(QWidget):
             match event:
                 case Compared(done, total, name):
                     set_status(self.status, f"{done}/{total}: {name} done")
+                    self._bar(done / max(total, 1), f"{done}/{total}: {name} done")
                 case _:
                     raise unexpected(event, "Compare")
 
+    def _bar(self, fraction: float, text: str) -> None:
+        self.progress.setValue(int(round(100 * fraction)))
+        self.progress.setFormat(text)
+
     def _finished(self) -> None:
+        if alive(self) and self.progress.value() < 100:  # cancelled or failed
+            self._bar(0, "stopped")
         if alive(self):
             self.run_button.setEnabled(True)
             self.cancel_button.setEnabled(False)
@@ -264,6 +277,7 @@ class CompareWidget(QWidget):
         if not alive(self):
             return
         self.rows = rows
+        self._bar(1, "done")
         self.table.setRowCount(len(rows))
         for r, row in enumerate(rows):
             values = (
