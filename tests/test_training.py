@@ -296,18 +296,20 @@ def test_validation_none_and_too_few_objects(scene):
     assert h.data.validation == "none" and h.data.objects == n and "fewer than 5" in h.data.val_note
 
 
+def _prepared(entry: TrainingEntry, **kwargs):
+    """``prepare_entry`` for a 3-class, one-channel network on the CPU, default norm."""
+    from napari_unet.inference.normalize import DEFAULT_NORMALIZATION
+
+    return prepare_entry(
+        entry, num_classes=3, in_channels=1, norm=dict(DEFAULT_NORMALIZATION),
+        device=torch.device("cpu"), **kwargs,
+    )  # fmt: skip
+
+
 def test_validation_held_out_objects(scene):
     img, lab = _scene_many()
     entry = TrainingEntry(img, lab)
-    data = prepare_entry(
-        entry,
-        num_classes=3,
-        in_channels=1,
-        norm={"method": "percentile", "low": 1.0, "high": 99.8},
-        weight_map=False,
-        device=torch.device("cpu"),
-        val_fraction=0.3,
-    )
+    data = _prepared(entry, weight_map=False, val_fraction=0.3)
     held = np.unique(data.val_labels[data.val_labels > 0])
     assert len(held) == data.val_objects >= MIN_VAL_OBJECTS
     ignore = data.ignore.numpy()
@@ -487,15 +489,7 @@ def test_valid_unet_batches_align_and_reach_every_known_pixel(scene):
     model = build_model("unet", 1, 3, base_channels=4, depth=2, padding="valid", norm="none")
     b, h, w = model.border, *lab.shape
     entry = TrainingEntry(img, lab, [(0, 24, 0, 24)])
-    data = prepare_entry(
-        entry,
-        num_classes=3,
-        in_channels=1,
-        norm={"method": "percentile", "low": 1.0, "high": 99.8},
-        weight_map=True,
-        device=torch.device("cpu"),
-        val_fraction=0.0,
-    )
+    data = _prepared(entry, weight_map=True, val_fraction=0.0)
     yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     data.image = torch.stack([yy, xx]).float()  # each input pixel carries its position
     patch = _patch_size(model, 24)

@@ -148,19 +148,6 @@ def _labels(
     return labels
 
 
-class _RuntimeNoted:
-    """A ``stage`` callback that passes every message on and keeps the runtime named by
-    ``predict``'s run note (:class:`~napari_unet.runtime.StageNote`)."""
-
-    def __init__(self, stage: Callable[[str], None] | None) -> None:
-        self.stage, self.runtime = stage, ""
-
-    def __call__(self, text: str) -> None:
-        self.runtime = getattr(text, "runtime", "") or self.runtime
-        if self.stage is not None:
-            self.stage(text)
-
-
 def segment_image(
     model: Any, image: Any, *, axes: str | None = None, channel: int | None = None,
     device: Any = "auto", tile_size: int | None = None, batch_size: int | None = None,
@@ -211,11 +198,11 @@ def segment_image(
     """
     from .inference.predict import predict
     from .inference.resolve import resolve_model
-    from .runtime import select_device
+    from .runtime import RunClock, select_device
 
     model, _ = resolve_model(model)
     dev, why = select_device(device)
-    noted = _RuntimeNoted(stage)
+    noted = RunClock(stage, forward_run=True)  # keeps the runtime the windows ran on
     if stage is not None:
         stage(f"predicting on {why}")
     t0 = time.perf_counter()

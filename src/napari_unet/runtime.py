@@ -337,17 +337,26 @@ class StageNote(str):
 
 
 class RunClock:
-    """A ``stage`` callback that passes messages on and notes when the windows start, so
-    that a timing leaves out the one-off OpenVINO export and compilation (used for the
-    per-output timings of Compare and Inspect)."""
+    """A ``stage`` callback watching ``predict``'s notes: it passes them on to ``stage``,
+    and keeps when the windows started (so that a timing leaves out the one-off OpenVINO
+    export and compilation: Compare's and Inspect's per-output times) and the runtime they
+    ran on (``segment_image``'s result).
 
-    def __init__(self, stage: Any = None) -> None:
-        self.stage, self.started = stage, time.perf_counter()
+    Args:
+        stage: where the notes go on (None: nowhere).
+        forward_run: also pass the run note on ("running 9 windows … on OpenVINO bf16");
+            the per-output timings keep their own "timing level L2" text instead.
+    """
+
+    def __init__(self, stage: Any = None, forward_run: bool = False) -> None:
+        self.stage, self.forward_run = stage, forward_run
+        self.started, self.runtime = time.perf_counter(), ""
 
     def __call__(self, text: str) -> None:
-        if getattr(text, "kind", None) == "run":
-            self.started = time.perf_counter()
-        elif self.stage is not None:
+        run = getattr(text, "kind", None) == "run"
+        if run:
+            self.started, self.runtime = time.perf_counter(), text.runtime
+        if self.stage is not None and (self.forward_run or not run):
             self.stage(text)
 
     def since_run(self) -> float:

@@ -229,7 +229,8 @@ def _allocate_all(model, layout: Layout, out, image, outputs: str, created) -> l
 
 def _run_stepping_down(model, layout: Layout, arrays, dev: torch.device, run: _Run) -> None:
     """Predict into ``arrays``; on CUDA out-of-memory (or a 32-bit kernel limit) retry with
-    half the batch, then half the tile, then on the CPU, each with a warning."""
+    half the batch, then half the tile, then on the CPU, each with a warning; a bf16
+    OpenVINO run with NaN / inf output is run again at f32, with a warning."""
     from .backends import NonFiniteOutput
 
     while True:
